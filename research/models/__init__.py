@@ -1,0 +1,1 @@
+from research.models.registry import available, get_model, register_model  # noqa: F401

@@ -1,0 +1,101 @@
+"""Defaults for every experiment. Experiment files start from `get_config()` and override.
+
+Every field has a comment; anything a config can set is validated by
+experiments/validate.py before any compilation.
+"""
+import ml_collections
+
+
+def get_config(arg=None):
+  del arg
+  c = ml_collections.ConfigDict()
+  c.seed = 0                      # master seed: params, data order and sampling derive from it
+
+  # --- data -----------------------------------------------------------------------------------
+  c.data = d = ml_collections.ConfigDict()
+  d.name = "ring"                 # toy: ring | grid | checkerboard | moons | swissroll; images: digits | shapes | any TFDS name
+  d.num_modes = 8                 # ring: number of Gaussians (each one a class)
+  d.radius = 4.0                  # ring: radius of the circle of means
+  d.std = 0.1                     # ring/grid: std of every component (per coordinate)
+  d.dim = 2                       # toy: ambient dimension (ring/grid means live in the first two)
+  d.batch_size = 512              # global batch size per training step
+  d.data_dir = ""                 # image data: TFDS data dir ("" = ~/.cache/genjax/tfds)
+  d.image_size = 0                # image data: resize to this size (0 = native)
+  d.random_flip = False           # image data: random horizontal flips
+  d.conditional = False           # feed class labels to the model (needs a labelled dataset)
+
+  # --- model ----------------------------------------------------------------------------------
+  c.model = m = ml_collections.ConfigDict()
+  m.name = "mlp"                  # registered model: see research.models.available()
+  m.hidden = 256                  # mlp: width
+  m.depth = 4                     # mlp: residual blocks
+  m.time_embedding = "sinusoidal" # sinusoidal | fourier
+  m.dropout = 0.0                 # dropout rate inside blocks
+  m.attention_impl = "auto"       # attention op implementation: auto | pallas | triton | cudnn | xla
+  m.ch = 64                       # unet: base channels
+  m.ch_mult = (1, 2, 2)           # unet: channel multiplier per resolution
+  m.num_res_blocks = 2            # unet: residual blocks per resolution
+  m.attn_resolutions = (8,)       # unet: resolutions (in px) with self-attention
+  m.num_heads = 4                 # unet: attention heads
+
+  # --- objective ------------------------------------------------------------------------------
+  c.objective = "diffusion"       # diffusion | flow | flow_matching
+  c.diffusion = df = ml_collections.ConfigDict()
+  df.sde = "vp"                   # vp | subvp | ve
+  df.beta_min = 0.1               # vp/subvp: beta(t) at t=0
+  df.beta_max = 20.0              # vp/subvp: beta(t) at t=1
+  df.sigma_min = 0.01             # ve: smallest noise level
+  df.sigma_max = 50.0             # ve: largest noise level
+  df.loss = "ddpm"                # ddpm | dsm | v | edm
+  df.prediction = "eps"           # what the network predicts: eps | x0 | v | score
+  df.weighting = "uniform"        # dsm loss weighting: uniform | likelihood
+  df.p_uncond = 0.0               # label dropout rate (trains the unconditional model for CFG)
+
+  # --- optimisation ---------------------------------------------------------------------------
+  c.optim = o = ml_collections.ConfigDict()
+  o.learning_rate = 1e-3          # peak learning rate
+  o.schedule = "cosine"           # cosine (warmup then cosine decay to 1%) | constant (after warmup)
+  o.warmup_steps = 200            # linear warmup steps
+  o.weight_decay = 0.0            # AdamW decoupled weight decay
+  o.grad_clip = 1.0               # global-norm clipping (0 disables)
+  o.b1 = 0.9                      # Adam beta1
+  o.b2 = 0.999                    # Adam beta2
+  o.ema_decay = 0.999             # EMA of parameters, used for sampling and evaluation
+
+  # --- training loop --------------------------------------------------------------------------
+  c.train = t = ml_collections.ConfigDict()
+  t.steps = 5000                  # total optimisation steps
+  t.log_every = 100               # metrics to metrics.jsonl (and NaN check) every N steps
+  t.ckpt_every = 1000             # checkpoint every N steps (and at the end)
+  t.keep_ckpts = 3                # checkpoints kept on disk
+  t.progress = True               # tqdm progress bar on stderr
+
+  # --- sampling (after training, and --mode=sample) ---------------------------------------------
+  c.sample = s = ml_collections.ConfigDict()
+  s.sampler = "ddpm"              # see research.diffusion.samplers.available()
+  s.steps = 1000                  # sampler steps (solver NFE depends on the sampler)
+  s.num_samples = 10000           # samples drawn for the saved .npz and the metrics
+  s.batch_size = 10000            # samples drawn per device call
+  s.denoise = True                # final denoising step (Tweedie) at t = eps
+  s.options = ""                  # sampler-specific options "k=v,k=v" (e.g. "eta=0.5,grid=quadratic")
+  s.use_ema = True                # sample with the EMA parameters
+  s.tag = ""                      # file tag for samples/<tag>.npz ("" = "<sampler>_<steps>")
+
+  # --- evaluation -------------------------------------------------------------------------------
+  c.eval = e = ml_collections.ConfigDict()
+  e.num_reference = 10000         # fresh data samples the sample metrics compare against
+  e.num_projections = 256         # sliced Wasserstein: random projections
+
+  # --- flows (objective = flow) -----------------------------------------------------------------
+  c.flow = f = ml_collections.ConfigDict()
+  f.kind = "realnvp"              # nice | realnvp | glow
+  f.num_layers = 8                # coupling layers (per scale for image flows)
+  f.hidden = 128                  # conditioner width / channels
+  f.num_scales = 2                # image flows: multi-scale levels
+
+  # --- sweep (mode = sweep) ---------------------------------------------------------------------
+  c.sweep = sw = ml_collections.ConfigDict()
+  sw.samplers = ("ddpm", "ddim")  # samplers compared
+  sw.steps = (10, 20, 50, 100)    # step counts compared
+
+  return c

@@ -1,0 +1,57 @@
+"""Figures: scatter plots for vector data, image grids, quality-vs-NFE curves."""
+from __future__ import annotations
+
+import numpy as np
+
+
+def _plt():
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  return plt
+
+
+def scatter(path: str, samples, reference=None, title: str = "", labels=None,
+            max_points: int = 5000) -> str:
+  """2-D scatter of the first two coordinates (reference data in grey underneath)."""
+  plt = _plt()
+  fig, ax = plt.subplots(figsize=(5, 5), dpi=110)
+  s = np.asarray(samples)[:max_points]
+  if reference is not None:
+    r = np.asarray(reference)[:max_points]
+    ax.scatter(r[:, 0], r[:, 1], s=1, c="0.75", label="data", rasterized=True)
+  c = None if labels is None else np.asarray(labels)[:max_points]
+  if c is None:
+    ax.scatter(s[:, 0], s[:, 1], s=1, c="C0", label="samples", rasterized=True)
+  else:
+    ax.scatter(s[:, 0], s[:, 1], s=1, c=c, cmap="tab10", label="samples", rasterized=True)
+  ax.set_aspect("equal")
+  ax.set_title(title, fontsize=9)
+  ax.legend(loc="upper right", markerscale=6, fontsize=7)
+  fig.tight_layout()
+  fig.savefig(path)
+  plt.close(fig)
+  return path
+
+
+def image_grid(path: str, images, nrow: int = 10, title: str = "") -> str:
+  """Grid of images in [-1, 1], shape [N, H, W, C]."""
+  plt = _plt()
+  x = np.clip((np.asarray(images) + 1) / 2, 0, 1)
+  n = min(len(x), nrow * nrow)
+  x = x[:n]
+  h, w, c = x.shape[1:]
+  rows = int(np.ceil(n / nrow))
+  grid = np.ones((rows * (h + 1) + 1, nrow * (w + 1) + 1, c), np.float32)
+  for i in range(n):
+    r, q = divmod(i, nrow)
+    grid[1 + r * (h + 1):1 + r * (h + 1) + h, 1 + q * (w + 1):1 + q * (w + 1) + w] = x[i]
+  fig, ax = plt.subplots(figsize=(6, 6 * rows / nrow + 0.3), dpi=110)
+  ax.imshow(grid.squeeze(-1) if c == 1 else grid, cmap="gray" if c == 1 else None,
+            interpolation="nearest")
+  ax.axis("off")
+  ax.set_title(title, fontsize=9)
+  fig.tight_layout()
+  fig.savefig(path)
+  plt.close(fig)
+  return path

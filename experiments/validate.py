@@ -1,0 +1,137 @@
+"""Config validation: every bad value fails here, before anything is compiled.
+
+Each error names the field (as it is written on the command line) and what is allowed.
+"""
+from __future__ import annotations
+
+import ast
+from typing import Any, Dict
+
+TOY_DATA = ("ring", "grid", "checkerboard", "moons", "swissroll")
+OBJECTIVES = ("diffusion", "flow", "flow_matching")
+SDES = ("vp", "subvp", "ve")
+LOSSES = ("ddpm", "dsm", "v", "edm")
+PREDICTIONS = ("eps", "x0", "v", "score")
+ATTENTION = ("auto", "pallas", "triton", "cudnn", "xla")
+MODES = ("train", "sample", "evaluate", "sweep")
+
+
+class ConfigError(ValueError):
+  """A config field holds a value that is not allowed."""
+
+
+def _fail(field: str, value: Any, allowed: str):
+  raise ConfigError(f"config.{field}={value!r} is not allowed: {allowed}.")
+
+
+def _choice(c, field: str, allowed):
+  v = _get(c, field)
+  if v not in allowed:
+    _fail(field, v, "one of " + ", ".join(repr(a) for a in allowed))
+
+
+def _positive_int(c, field: str, zero_ok: bool = False):
+  v = _get(c, field)
+  if isinstance(v, bool) or not isinstance(v, int) or v < (0 if zero_ok else 1):
+    _fail(field, v, "an integer " + (">= 0" if zero_ok else ">= 1"))
+
+
+def _positive_float(c, field: str, zero_ok: bool = False):
+  v = _get(c, field)
+  if isinstance(v, bool) or not isinstance(v, (int, float)) or v < 0 or (v == 0 and not zero_ok):
+    _fail(field, v, "a number " + (">= 0" if zero_ok else "> 0"))
+
+
+def _unit_interval(c, field: str):
+  v = _get(c, field)
+  if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0.0 <= v <= 1.0:
+    _fail(field, v, "a number in [0, 1]")
+
+
+def _get(c, field: str):
+  for part in field.split("."):
+    c = c[part]
+  return c
+
+
+def parse_options(text: str, field: str = "sample.options") -> Dict[str, Any]:
+  """'eta=0.5,grid=quadratic' -> {'eta': 0.5, 'grid': 'quadratic'} (values as Python literals)."""
+  out: Dict[str, Any] = {}
+  for item in (text or "").split(","):
+    item = item.strip()
+    if not item:
+      continue
+    if "=" not in item:
+      raise ConfigError(f"config.{field}: item {item!r} must look like key=value.")
+    k, v = item.split("=", 1)
+    try:
+      out[k.strip()] = ast.literal_eval(v.strip())
+    except (ValueError, SyntaxError):
+      out[k.strip()] = v.strip()
+  return out
+
+
+def validate(config, mode: str = "train") -> None:
+  """Raises ConfigError naming the first bad field; returns None when the config is usable."""
+  if mode not in MODES:
+    raise ConfigError(f"--mode={mode!r} is not allowed: one of {', '.join(MODES)}.")
+  from research.models import registry as model_registry
+  from research.diffusion import samplers
+
+  _positive_int(config, "seed", zero_ok=True)
+  # data
+  name = config.data.name
+  if not isinstance(name, str) or not name:
+    _fail("data.name", name, "a toy dataset (" + ", ".join(TOY_DATA) + ") or an image dataset name")
+  _positive_int(config, "data.batch_size")
+  _positive_int(config, "data.dim")
+  _positive_int(config, "data.num_modes")
+  _positive_float(config, "data.std")
+  _positive_float(config, "data.radius")
+  if name == "checkerboard" and config.data.dim != 2:
+    _fail("data.dim", config.data.dim, "2 for the checkerboard")
+  # model
+  _choice(config, "model.name", tuple(model_registry.available()))
+  _positive_int(config, "model.hidden")
+  _positive_int(config, "model.depth")
+  _choice(config, "model.time_embedding", ("sinusoidal", "fourier"))
+  _unit_interval(config, "model.dropout")
+  _choice(config, "model.attention_impl", ATTENTION)
+  # objective
+  _choice(config, "objective", OBJECTIVES)
+  _choice(config, "diffusion.sde", SDES)
+  _choice(config, "diffusion.loss", LOSSES)
+  _choice(config, "diffusion.prediction", PREDICTIONS)
+  _choice(config, "diffusion.weighting", ("uniform", "likelihood"))
+  _unit_interval(config, "diffusion.p_uncond")
+  _positive_float(config, "diffusion.beta_min")
+  _positive_float(config, "diffusion.beta_max")
+  if config.diffusion.beta_max <= config.diffusion.beta_min:
+    _fail("diffusion.beta_max", config.diffusion.beta_max,
+          f"a number > diffusion.beta_min={config.diffusion.beta_min}")
+  if config.diffusion.p_uncond > 0 and not config.data.conditional:
+    _fail("diffusion.p_uncond", config.diffusion.p_uncond,
+          "0 unless data.conditional=True (label dropout needs labels)")
+  # optimisation
+  _positive_float(config, "optim.learning_rate")
+  _choice(config, "optim.schedule", ("cosine", "constant"))
+  _positive_int(config, "optim.warmup_steps", zero_ok=True)
+  _positive_float(config, "optim.weight_decay", zero_ok=True)
+  _positive_float(config, "optim.grad_clip", zero_ok=True)
+  _unit_interval(config, "optim.b1")
+  _unit_interval(config, "optim.b2")
+  _unit_interval(config, "optim.ema_decay")
+  # loop
+  _positive_int(config, "train.steps")
+  _positive_int(config, "train.log_every")
+  _positive_int(config, "train.ckpt_every")
+  _positive_int(config, "train.keep_ckpts")
+  # sampling
+  if config.objective != "flow":
+    _choice(config, "sample.sampler", tuple(samplers.available()))
+  _positive_int(config, "sample.steps")
+  _positive_int(config, "sample.num_samples")
+  _positive_int(config, "sample.batch_size")
+  parse_options(config.sample.options)
+  _positive_int(config, "eval.num_reference")
+  _positive_int(config, "eval.num_projections")

@@ -1,0 +1,99 @@
+"""Diffusion as a training objective: the glue between a score network, an SDE, a loss and samplers.
+
+The trainer (experiments/train.py) sees every objective through the same four methods:
+  init(rng, batch) -> params
+  loss(params, batch, rng) -> (scalar loss, metrics dict)
+  sample(params, rng, num, labels=None, **sampler settings) -> (x, info)
+  score_fn(params, labels=None) -> score_fn(x, t)        (diffusion only)
+A batch is a dict {"x": float32 [B, *dims], "label": int32 [B] (optional)}.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Dict, Optional, Tuple
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from research.diffusion import losses as losses_lib
+from research.diffusion import parameterization
+from research.diffusion import samplers as samplers_lib
+
+
+@dataclasses.dataclass(frozen=True)
+class DiffusionObjective:
+  """A score-based diffusion model.
+
+  Attributes:
+    model: Linen module called as model(x, t, labels=None, train=False).
+    sde: an SDE from research.diffusion.sde.
+    loss_name: research.diffusion.losses name ("ddpm", "dsm", "v", "edm").
+    prediction: what the network predicts ("eps", "x0", "v", "score").
+    loss_options: extra keyword options for the loss (e.g. weighting).
+    conditional: feed batch["label"] to the network.
+    p_uncond: probability of replacing a label by the null token during training (CFG).
+    num_classes: number of classes; label `num_classes` is the null token.
+  """
+  model: nn.Module
+  sde: Any
+  loss_name: str = "ddpm"
+  prediction: str = "eps"
+  loss_options: Tuple[Tuple[str, Any], ...] = ()
+  conditional: bool = False
+  p_uncond: float = 0.0
+  num_classes: int = 0
+
+  def __post_init__(self):
+    # Build the loss eagerly so a bad loss name/option fails before any compile.
+    object.__setattr__(self, "_loss_fn", losses_lib.get_loss_fn(
+        self.loss_name, self.sde, prediction=self.prediction, **dict(self.loss_options)))
+
+  # -- training ------------------------------------------------------------------------------
+  def init(self, rng, batch: Dict[str, jnp.ndarray]):
+    x = batch["x"]
+    t = jnp.full((x.shape[0],), 0.5, jnp.float32)
+    labels = batch.get("label") if self.conditional else None
+    return self.model.init({"params": rng, "dropout": rng}, x, t, labels, train=False)["params"]
+
+  def _labels(self, batch, rng):
+    if not self.conditional:
+      return None
+    labels = batch["label"].astype(jnp.int32)
+    if self.p_uncond > 0:
+      drop = jax.random.bernoulli(rng, self.p_uncond, labels.shape)
+      labels = jnp.where(drop, self.num_classes, labels)
+    return labels
+
+  def loss(self, params, batch, rng):
+    l_rng, d_rng, drop_rng = jax.random.split(rng, 3)
+    labels = self._labels(batch, l_rng)
+
+    def model_fn(x, t):
+      return self.model.apply({"params": params}, x, t, labels, train=True,
+                              rngs={"dropout": drop_rng})
+
+    per_example = self._loss_fn(model_fn, batch["x"], d_rng)
+    loss = jnp.mean(per_example)
+    return loss, {"loss": loss}
+
+  # -- sampling ------------------------------------------------------------------------------
+  def model_fn(self, params, labels: Optional[jnp.ndarray] = None):
+    """The network as model_fn(x, t) -> raw output, in eval mode, with fixed labels."""
+    def fn(x, t):
+      lab = labels
+      if self.conditional and lab is None:
+        lab = jnp.full((x.shape[0],), self.num_classes, jnp.int32)
+      return self.model.apply({"params": params}, x, t, lab if self.conditional else None,
+                              train=False)
+    return fn
+
+  def score_fn(self, params, labels: Optional[jnp.ndarray] = None):
+    return parameterization.score_fn_from_model(
+        self.model_fn(params, labels), self.sde, self.prediction)
+
+  def sample(self, params, rng, num: int, dims: Tuple[int, ...], labels=None, *,
+             sampler: str = "ddpm", steps: int = 1000, **options):
+    score_fn = self.score_fn(params, labels)
+    return samplers_lib.sample(sampler, score_fn, self.sde, (num, *dims), rng, steps=steps,
+                               **options)
