@@ -86,6 +86,14 @@ def get_config(arg=None):
   e.num_reference = 10000         # fresh data samples the sample metrics compare against
   e.num_projections = 256         # sliced Wasserstein: random projections
 
+  # --- guidance (conditional models; research/diffusion/guidance.py) ----------------------------
+  c.guidance = g = ml_collections.ConfigDict()
+  g.kind = "none"                 # none | cfg (classifier-free) | classifier (noise-conditional classifier)
+  g.scales = (0.0, 1.0, 3.0)      # cfg: w (0 = unconditional, 1 = conditional); classifier: s
+  g.classifier_steps = 2000       # classifier guidance: training steps of the noise-conditional classifier
+  g.classifier_hidden = 128       # classifier guidance: classifier width
+  g.samples_per_class = 1000      # samples drawn per class at each scale after training
+
   # --- flows (objective = flow) -----------------------------------------------------------------
   c.flow = f = ml_collections.ConfigDict()
   f.kind = "realnvp"              # nice | realnvp | glow

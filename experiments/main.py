@@ -38,6 +38,9 @@ def run(config, workdir: str, mode: str = "train", debug: bool = False):
   if mode == "train":
     from experiments import train, sample
     state = train.train(config, workdir)
+    if config.guidance.kind != "none":
+      from experiments import guided
+      return guided.guided_sample_and_evaluate(config, workdir, state)
     return sample.sample_and_evaluate(config, workdir, state)
   if mode == "sample":
     from experiments import sample
@@ -51,9 +54,19 @@ def run(config, workdir: str, mode: str = "train", debug: bool = False):
   raise ValueError(f"--mode={mode!r}; allowed: train, sample, evaluate, sweep.")
 
 
+class _QuietLibraries:
+  """Drops INFO records from orbax/absl internals so our progress and results stay readable."""
+
+  def filter(self, record) -> bool:
+    return record.levelno >= 30 or "orbax" not in record.pathname
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  import logging as py_logging
+  for h in py_logging.getLogger().handlers + [logging.get_absl_handler()]:
+    h.addFilter(_QuietLibraries())
   from experiments.validate import ConfigError
   try:
     run(FLAGS.config, FLAGS.workdir, FLAGS.mode, FLAGS.debug)

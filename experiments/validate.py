@@ -133,5 +133,11 @@ def validate(config, mode: str = "train") -> None:
   _positive_int(config, "sample.num_samples")
   _positive_int(config, "sample.batch_size")
   parse_options(config.sample.options)
+  _choice(config, "guidance.kind", ("none", "cfg", "classifier"))
+  if config.guidance.kind != "none" and not config.data.conditional:
+    _fail("guidance.kind", config.guidance.kind, "'none' unless data.conditional=True")
+  if config.guidance.kind == "cfg" and config.diffusion.p_uncond <= 0:
+    _fail("diffusion.p_uncond", config.diffusion.p_uncond,
+          "> 0 with guidance.kind='cfg' (the unconditional model is trained by label dropout)")
   _positive_int(config, "eval.num_reference")
   _positive_int(config, "eval.num_projections")

@@ -88,9 +88,14 @@ class DiffusionObjective:
                               train=False)
     return fn
 
-  def score_fn(self, params, labels: Optional[jnp.ndarray] = None):
+  def _score(self, params, labels, x, t):
     return parameterization.score_fn_from_model(
-        self.model_fn(params, labels), self.sde, self.prediction)
+        self.model_fn(params, labels), self.sde, self.prediction)(x, t)
+
+  def score_fn(self, params, labels: Optional[jnp.ndarray] = None):
+    """score_fn(x, t) as a jax.tree_util.Partial: params and labels are traced leaves, so the
+    samplers compile once per shape and reuse that compilation for new parameters."""
+    return jax.tree_util.Partial(self._score, params, labels)
 
   def sample(self, params, rng, num: int, dims: Tuple[int, ...], labels=None, *,
              sampler: str = "ddpm", steps: int = 1000, **options):
