@@ -1,0 +1,400 @@
+r"""One-shot GPU check of the flash-attention kernel (issue 5): correctness, sweep, memory, tuning.
+
+Made to run once, unattended, on one H100/H200 within a fixed wall budget, and to survive
+any single failure: every case runs in its own try/except and prints a one-line summary of
+the traceback, results are written after every section, and sections that no longer fit
+the time budget are skipped (and say so). Output under --out:
+  gpu_check.json      everything measured (cells, errors, correctness numbers, tuning)
+  gpu_check.md        the tables
+  gpu_check_log.txt   the full log (stdout may be truncated by whoever runs this)
+
+Sections, in priority order:
+  1. smoke        compile + run our forward and backward on tiny shapes (fails fast, clearly)
+  2. correctness  bf16 and fp16 (and one fp32) forward + dq/dk/dv vs a float32 reference
+                  (matmul precision "highest") on fresh random inputs, all the odd shapes
+  3. sweep        B*T=16k, H*D=2048, T in {2048, 4096, 8192} (+ --extra: 512, 1024, 16384),
+                  D in {64, 128}, causal both, fwd and fwd+bwd: ours, JAX's bundled Pallas
+                  kernel, cuDNN, XLA, in this one process; checks against issue 5's targets
+  4. long         T=32768, B=1, H=16, D=128, fwd+bwd: compiled temporaries of each impl
+  5. tune         block sizes / warps / stages per (D, causal) at T=4096, then the main
+                  sweep rows again for ours with the best tiles ("ours_tuned")
+
+  python experiments/benchmarks/attention_gpu_check.py --out /tmp/gpu_check [--extra]
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import functools
+import json
+import os
+import sys
+import time
+import traceback
+
+if __package__ in (None, ""):
+  sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+
+T_START = time.time()
+
+
+class _Tee:
+  """Copies stdout to the log file so a truncated console still leaves the whole record."""
+
+  def __init__(self, path):
+    self._f = open(path, "a", buffering=1)
+    self._stdout = sys.stdout
+
+  def write(self, s):
+    self._stdout.write(s)
+    self._f.write(s)
+
+  def flush(self):
+    self._stdout.flush()
+    self._f.flush()
+
+
+def log(*args):
+  print(f"[{time.time() - T_START:6.1f}s]", *args, flush=True)
+
+
+def summarize_exception(e: BaseException) -> str:
+  frames = traceback.extract_tb(e.__traceback__)
+  ours = [f for f in frames if "kernels/attention" in f.filename or "benchmarks" in f.filename]
+  where = ours[-1] if ours else (frames[-1] if frames else None)
+  loc = f" (at {os.path.basename(where.filename)}:{where.lineno})" if where else ""
+  msg = f"{type(e).__name__}: {e}".replace("\n", " | ")
+  return msg[:600] + loc
+
+
+def main(argv=None):
+  p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+  p.add_argument("--out", required=True, help="output directory")
+  p.add_argument("--budget_s", type=float, default=450.0,
+                 help="wall-clock budget for the whole script; later sections are skipped")
+  p.add_argument("--extra", action="store_true", help="also T=512, 1024, 16384 sweep rows")
+  p.add_argument("--iters", type=int, default=20)
+  p.add_argument("--skip", default="", help="comma list of sections to skip")
+  p.add_argument("--dry_run", action="store_true",
+                 help="tiny sizes in interpret mode: checks this script's plumbing on a CPU")
+  args = p.parse_args(argv)
+  dry = args.dry_run
+  interp = dry  # the real run never interprets
+  os.makedirs(args.out, exist_ok=True)
+  sys.stdout = _Tee(os.path.join(args.out, "gpu_check_log.txt"))
+  deadline = T_START + args.budget_s
+  skip = set(filter(None, args.skip.split(",")))
+  results = {"sections": {}}
+
+  def save():
+    with open(os.path.join(args.out, "gpu_check.json"), "w") as f:
+      json.dump(results, f, indent=1, default=str)
+
+  def time_left():
+    return deadline - time.time()
+
+  # --- 0. environment ---------------------------------------------------------------------
+  import jax
+  import jax.numpy as jnp
+  import numpy as np
+  from jax.experimental.pallas import triton as plgpu
+
+  from experiments.benchmarks import attention as bench
+  from kernels.attention import BlockSizes, dot_product_attention, mha_reference
+  from kernels.attention import pallas_attention
+  from kernels.attention.block_sizes import default_block_sizes
+
+  env = bench.environment()
+  env["compiler_params_cls"] = [n for n in ("CompilerParams", "TritonCompilerParams")
+                                if hasattr(plgpu, n)]
+  try:
+    import jax.experimental.pallas.ops.gpu.attention  # noqa: F401  (import check only)
+    env["bundled_pallas_import"] = "ok"
+  except Exception as e:
+    env["bundled_pallas_import"] = summarize_exception(e)
+  results["env"] = env
+  log(f"environment: {env}")
+  log(f"devices: {jax.devices()}")
+  save()
+  if jax.default_backend() != "gpu":
+    log("WARNING: default backend is not a GPU; this script is meant for one.")
+
+  # --- helpers ----------------------------------------------------------------------------
+  def rel(x, ref):
+    x = np.asarray(x, np.float64)
+    ref = np.asarray(ref, np.float64)
+    return float(np.abs(x - ref).max() / max(np.abs(ref).max(), 1e-30))
+
+  def inputs(seed, b, t, s, h, hkv, d, dtype):
+    ks = jax.random.split(jax.random.PRNGKey(seed), 4)
+    q = jax.random.normal(ks[0], (b, t, h, d), jnp.float32).astype(dtype)
+    k = jax.random.normal(ks[1], (b, s, hkv, d), jnp.float32).astype(dtype)
+    v = jax.random.normal(ks[2], (b, s, hkv, d), jnp.float32).astype(dtype)
+    do = jax.random.normal(ks[3], (b, t, h, d), jnp.float32).astype(dtype)
+    return q, k, v, do
+
+  def fwd_bwd(attn, q, k, v, do):
+    out, vjp = jax.vjp(attn, q, k, v)
+    return (out,) + tuple(vjp(do))
+
+  def check_case(name, b, t, s, h, hkv, d, causal, kvl, scale, dtype, seed, block_sizes=None):
+    q, k, v, do = inputs(seed, b, t, s, h, hkv, d, dtype)
+    kvl_arr = None if kvl is None else jnp.asarray(kvl, jnp.int32)
+    ours = functools.partial(pallas_attention, causal=causal, kv_lengths=kvl_arr, scale=scale,
+                             block_sizes=block_sizes, interpret=interp)
+    ref = functools.partial(mha_reference, causal=causal, kv_lengths=kvl_arr, scale=scale)
+    got = jax.block_until_ready(jax.jit(lambda *a: fwd_bwd(ours, *a))(q, k, v, do))
+    with jax.default_matmul_precision("highest"):
+      want = jax.jit(lambda *a: fwd_bwd(ref, *a))(*[x.astype(jnp.float32) for x in (q, k, v, do)])
+    errs = {lbl: rel(x, r) for lbl, x, r in zip(("out", "dq", "dk", "dv"), got, want)}
+    finite = all(bool(np.all(np.isfinite(np.asarray(x, np.float32)))) for x in got)
+    tol = 2e-2 if dtype in (jnp.bfloat16, jnp.float16) else 1e-4
+    ok = finite and all(e < tol for e in errs.values())
+    return ok, errs, finite, tol
+
+  # --- 1. smoke ---------------------------------------------------------------------------
+  smoke = []
+  results["sections"]["smoke"] = smoke
+  if "smoke" not in skip:
+    log("=== 1. smoke: compile and run our kernels on tiny shapes ===")
+    # Both loop kinds (unmasked only / unmasked + masked) and both common head dims; D=40
+    # and D=256 come in the correctness section.
+    for d, causal in ((64, True), (128, False)):
+      name = f"smoke D={d} causal={causal}"
+      try:
+        ok, errs, finite, tol = check_case(name, 1, 256, 256, 2, 2, d, causal, None, None,
+                                           jnp.bfloat16, seed=d)
+        smoke.append({"case": name, "ok": ok, "errs": errs, "finite": finite})
+        log(f"{'PASS' if ok else 'FAIL'} {name}: " +
+            " ".join(f"{k}={v:.1e}" for k, v in errs.items()) + f" finite={finite}")
+      except Exception as e:
+        smoke.append({"case": name, "ok": False, "error": summarize_exception(e)})
+        log(f"FAIL {name}: {summarize_exception(e)}")
+    save()
+
+  # --- 2. correctness ---------------------------------------------------------------------
+  corr = []
+  results["sections"]["correctness"] = corr
+  # name: (B, T, S, H, Hkv, D, causal, kv_lengths, scale)
+  cases = {
+      "odd_gqa_causal_kvlen": (2, 77, 130, 8, 2, 40, True, (0, 97), None),
+      "odd_mha_noncausal_scale": (1, 77, 130, 2, 2, 72, False, None, 0.3),
+      "causal_t_gt_s_mqa": (2, 100, 37, 2, 1, 96, True, (37, 20), None),
+      "causal_t_lt_s_d256": (1, 300, 700, 4, 2, 256, True, (650,), None),
+      "bench_like_d128_causal": (2, 1024, 1024, 16, 16, 128, True, None, None),
+      "bench_like_d64_kvlen": (2, 1024, 1024, 8, 8, 64, False, (1024, 333), None),
+  }
+  small_tiles = BlockSizes(block_q=32, block_k=16, block_q_dkv=16, block_k_dkv=32,
+                           block_q_dq=32, block_k_dq=16)
+  if dry:  # interpret mode: only the small shapes
+    cases = {n: c for n, c in cases.items() if not n.startswith(("bench", "causal_t_lt"))}
+  runs = [(n, dt, None) for n in cases for dt in (jnp.bfloat16, jnp.float16)]
+  runs += [("odd_gqa_causal_kvlen", jnp.float32, None),
+           ("odd_gqa_causal_kvlen", jnp.bfloat16, small_tiles)]
+  if "correctness" not in skip:
+    log("=== 2. correctness vs float32 reference (rel err = max|x-ref|/max|ref|) ===")
+    for i, (name, dtype, bs) in enumerate(runs):
+      if time_left() < 0.55 * args.budget_s:  # keep most of the budget for the sweep
+        log(f"SKIP correctness {name} ({jnp.dtype(dtype).name}): time budget")
+        continue
+      label = f"{name} {jnp.dtype(dtype).name}" + (" small_tiles" if bs else "")
+      try:
+        ok, errs, finite, tol = check_case(name, *cases[name], dtype, seed=100 + i,
+                                           block_sizes=bs)
+        corr.append({"case": label, "ok": ok, "errs": errs, "finite": finite, "tol": tol})
+        log(f"{'PASS' if ok else 'FAIL'} {label}: " +
+            " ".join(f"{k}={v:.2e}" for k, v in errs.items()) + f" finite={finite} tol={tol}")
+      except Exception as e:
+        corr.append({"case": label, "ok": False, "error": summarize_exception(e)})
+        log(f"FAIL {label}: {summarize_exception(e)}")
+    # Dispatch: "auto" must pick pallas on a GPU; cuDNN agrees with the reference.
+    try:
+      q, k, v, _ = inputs(1, 2, 512, 512, 4, 4, 64, jnp.bfloat16)
+      auto = jax.jit(lambda q, k, v: dot_product_attention(q, k, v, causal=True,
+                                                           interpret=interp))(q, k, v)
+      ours = jax.jit(lambda q, k, v: dot_product_attention(q, k, v, causal=True,
+                                                           implementation="pallas",
+                                                           interpret=interp))(q, k, v)
+      same = bool(jnp.array_equal(auto, ours))
+      corr.append({"case": "auto == pallas on GPU", "ok": same})
+      log(f"{'PASS' if same else 'FAIL'} auto dispatch picks pallas: identical={same}")
+      cud = jax.jit(lambda q, k, v: dot_product_attention(q, k, v, causal=True,
+                                                          implementation="cudnn"))(q, k, v)
+      with jax.default_matmul_precision("highest"):
+        ref = mha_reference(q.astype(jnp.float32), k.astype(jnp.float32),
+                            v.astype(jnp.float32), causal=True)
+      corr.append({"case": "cudnn vs reference", "ok": rel(cud, ref) < 2e-2,
+                   "errs": {"out": rel(cud, ref)}})
+      log(f"INFO cudnn vs reference rel={rel(cud, ref):.2e}; ours vs reference "
+          f"rel={rel(ours, ref):.2e}")
+    except Exception as e:
+      corr.append({"case": "dispatch", "ok": False, "error": summarize_exception(e)})
+      log(f"FAIL dispatch check: {summarize_exception(e)}")
+    n_ok = sum(bool(c.get("ok")) for c in corr)
+    log(f"correctness: {n_ok}/{len(corr)} passed")
+    save()
+
+  # --- 3. sweep ---------------------------------------------------------------------------
+  cells = []
+  impls = list(bench.IMPLS)
+  kw = dict(tokens=16384, hidden=2048, dtype_name="bf16", iters=args.iters, interpret=interp)
+  main_ts, tune_t, long_t = (2048, 4096, 8192), 4096, 32768
+  if dry:
+    kw.update(tokens=256, hidden=128, iters=2)
+    main_ts, tune_t, long_t = (128,), 128, 256
+
+  def save_cells(c=None):
+    results["sections"]["sweep"] = [dataclasses.asdict(x) for x in cells]
+    save()
+
+  if "sweep" not in skip:
+    log("=== 3. sweep: B*T=16384, H*D=2048, bf16; TFLOP/s (fwd=4BHT^2D, /2 causal; fwd_bwd=3.5x) ===")
+    for t in main_ts:
+      cells += bench.sweep([t], [64, 128], [False, True], ["fwd", "fwd_bwd"], impls,
+                           deadline=deadline - 60, **kw)
+      save_cells()
+    log("\n" + bench.markdown_table(cells))
+
+  # --- 4. long sequence memory ------------------------------------------------------------
+  long_cells = []
+  if "long" not in skip and time_left() > 45:
+    log(f"=== 4. long: T={long_t}, B=1, H=16, D=128, fwd+bwd (compiled temporaries) ===")
+    long_cells = bench.long_sequence_rows(impls, seq_len=long_t, head_dim=128, hidden=2048,
+                                          dtype_name="bf16", iters=3, interpret=interp)
+    results["sections"]["long"] = [dataclasses.asdict(x) for x in long_cells]
+    save()
+  elif "long" not in skip:
+    log("SKIP long: time budget")
+
+  # --- 5. tuning ---------------------------------------------------------------------------
+  tuned = {}
+  if "tune" not in skip:
+    log(f"=== 5. tune at T={tune_t} (bf16): forward tiles, then backward tiles ===")
+    fwd_cands = [(128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 3), (64, 64, 4, 3),
+                 (128, 32, 4, 4), (64, 128, 4, 3)]
+    bwd_cands = [(32, 128, 128, 32, 4, 3), (32, 128, 128, 32, 8, 2), (64, 64, 64, 64, 4, 3),
+                 (64, 128, 128, 64, 8, 2), (16, 128, 128, 16, 4, 4), (32, 64, 64, 32, 4, 3)]
+    if dry:
+      fwd_cands, bwd_cands = fwd_cands[:2], bwd_cands[:2]
+    tune_log = []
+    results["sections"]["tune"] = tune_log
+    for d in (128, 64):
+      for causal in (False, True):
+        base = default_block_sizes("gpu", d, causal)
+        best_f = (None, base)
+        for bq, bk, w, st in fwd_cands:
+          if time_left() < 40:
+            break
+          bs = dataclasses.replace(base, block_q=bq, block_k=bk, num_warps=w, num_stages=st)
+          c = bench.run_cell("ours", tune_t, d, causal, "fwd", block_sizes=bs, **kw)
+          tune_log.append({"d": d, "causal": causal, "pass": "fwd", "cand": [bq, bk, w, st],
+                           "tflops": c.tflops, "error": c.error})
+          log(f"  tune fwd D={d} causal={causal} (bq,bk,warps,stages)={(bq, bk, w, st)}: "
+              + (f"{c.tflops:.0f} TFLOP/s" if c.tflops else f"ERROR {c.error}"))
+          if c.tflops and (best_f[0] is None or c.tflops > best_f[0]):
+            best_f = (c.tflops, bs)
+        best_b = (None, best_f[1])
+        for bqd, bkd, bqq, bkq, w, st in bwd_cands:
+          if time_left() < 40:
+            break
+          bs = dataclasses.replace(best_f[1], block_q_dkv=bqd, block_k_dkv=bkd, block_q_dq=bqq,
+                                   block_k_dq=bkq, num_warps_dkv=w, num_stages_dkv=st,
+                                   num_warps_dq=w, num_stages_dq=st)
+          c = bench.run_cell("ours", tune_t, d, causal, "fwd_bwd", block_sizes=bs, **kw)
+          tune_log.append({"d": d, "causal": causal, "pass": "fwd_bwd",
+                           "cand": [bqd, bkd, bqq, bkq, w, st], "tflops": c.tflops,
+                           "error": c.error})
+          log(f"  tune bwd D={d} causal={causal} (bq_dkv,bk_dkv,bq_dq,bk_dq,warps,stages)="
+              f"{(bqd, bkd, bqq, bkq, w, st)}: "
+              + (f"{c.tflops:.0f} TFLOP/s" if c.tflops else f"ERROR {c.error}"))
+          if c.tflops and (best_b[0] is None or c.tflops > best_b[0]):
+            best_b = (c.tflops, bs)
+        tuned[(d, causal)] = best_b[1]
+        log(f"  best D={d} causal={causal}: {best_b[1]}")
+        save()
+    results["tuned_block_sizes"] = {f"D={d} causal={c}": dataclasses.asdict(bs)
+                                    for (d, c), bs in tuned.items()}
+    save()
+    if tuned and time_left() > 60:
+      log("=== 5b. main sweep rows for ours with the tuned tiles ===")
+      for t in main_ts:
+        cells += bench.sweep([t], [64, 128], [False, True], ["fwd", "fwd_bwd"], ["ours"],
+                             block_sizes_for=lambda d, c: tuned.get((d, c)),
+                             label_for={"ours": "ours_tuned"}, deadline=deadline - 45, **kw)
+        save_cells()
+
+  # --- 6. extra sequence lengths ------------------------------------------------------------
+  if args.extra and "sweep" not in skip:
+    log("=== 6. extra sweep rows: T in {512, 1024, 16384} ===")
+    for t in ((256,) if dry else (512, 1024, 16384)):
+      cells += bench.sweep([t], [64, 128], [False, True], ["fwd", "fwd_bwd"], impls,
+                           deadline=deadline - 15, **kw)
+      save_cells()
+
+  # --- summary -----------------------------------------------------------------------------
+  lines = [f"# Attention GPU check on {env.get('device')} (jax {env.get('jax')})", ""]
+  if smoke or corr:
+    lines += ["## Correctness (max relative error vs float32 reference)", "",
+              "| case | ok | out | dq | dk | dv | note |", "|---|---|---|---|---|---|---|"]
+    for c in smoke + corr:
+      e = c.get("errs", {})
+      lines.append(f"| {c['case']} | {'PASS' if c.get('ok') else 'FAIL'} | " +
+                   " | ".join(f"{e[k]:.1e}" if k in e else "-" for k in ("out", "dq", "dk", "dv"))
+                   + f" | {c.get('error', '')[:120]} |")
+  if cells:
+    lines += ["", "## TFLOP/s (bf16, B*T=16384, H*D=2048)", "", bench.markdown_table(cells)]
+    lines += ["", "## Compiled temporary memory (MiB)", "",
+              bench.markdown_table(cells, "temp_mib")]
+    lines += ["", "## Issue 5 targets", ""] + targets(cells)
+  if long_cells:
+    lines += ["", f"## T={long_t}, B=1, H=16, D=128, fwd+bwd", "",
+              "| impl | temp MiB | ms | note |", "|---|---|---|---|"]
+    for c in long_cells:
+      lines.append(f"| {c.impl} | {bench._fmt(c, 'temp_mib')} | {bench._fmt(c, 'ms')} | "
+                   f"{(c.error or c.note or '')[:120]} |")
+  if tuned:
+    lines += ["", f"## Tuned BlockSizes (T={tune_t})", ""]
+    lines += [f"- D={d} causal={c}: `{bs}`" for (d, c), bs in tuned.items()]
+  report = "\n".join(lines)
+  with open(os.path.join(args.out, "gpu_check.md"), "w") as f:
+    f.write(report + "\n")
+  log("\n" + report)
+  log(f"done in {time.time() - T_START:.0f}s; wrote {args.out}")
+
+
+def targets(cells) -> list[str]:
+  """Issue 5's acceptance checks, per sweep row, from the measured cells."""
+  by = {(c.seq_len, c.head_dim, c.causal, c.which, c.impl): c for c in cells}
+  out = ["| T | D | causal | pass | ours | best ours / bundled | best ours / cudnn | target | met |",
+         "|---|---|---|---|---|---|---|---|---|"]
+  keys = sorted({(c.seq_len, c.head_dim, c.causal, c.which) for c in cells})
+  for key in keys:
+    mine = [by.get(key + (n,)) for n in ("ours", "ours_tuned")]
+    mine = [c.tflops for c in mine if c is not None and c.tflops]
+    bundled, cudnn = by.get(key + ("bundled_pallas",)), by.get(key + ("cudnn",))
+    if not mine:
+      out.append(f"| {key[0]} | {key[1]} | {key[2]} | {key[3]} | error | - | - | - | no |")
+      continue
+    best = max(mine)
+    rb = best / bundled.tflops if bundled is not None and bundled.tflops else None
+    rc = best / cudnn.tflops if cudnn is not None and cudnn.tflops else None
+    t, d, _, which = key
+    if which == "fwd":
+      need_b, need_c = 1.0, (0.8 if (t >= 4096 and d == 128) else None)
+    else:
+      need_b, need_c = 2.0, (0.7 if t >= 4096 else None)
+    met = (rb is None or rb >= need_b) and (need_c is None or rc is None or rc >= need_c)
+    target = f">= {need_b}x bundled" + (f", >= {need_c}x cudnn" if need_c else "")
+    out.append(f"| {t} | {d} | {key[2]} | {which} | {best:.3g} | "
+               f"{'-' if rb is None else f'{rb:.2f}'} | {'-' if rc is None else f'{rc:.2f}'} | "
+               f"{target} | {'yes' if met else 'NO'} |")
+  return out
+
+
+if __name__ == "__main__":
+  try:
+    main()
+  except Exception as e:  # the last line of defence: still say what happened
+    print(f"FATAL: {summarize_exception(e)}", flush=True)
+    traceback.print_exc()
+    sys.exit(1)

@@ -1,0 +1,327 @@
+"""The attention op: one entry point, an implementation registry, a custom_vjp Pallas path.
+
+    dot_product_attention(q, k, v, *, causal=False, kv_lengths=None, scale=None,
+                          implementation="auto", interpret=None) -> [B, T, H, D]
+
+Implementations (registry `IMPLEMENTATIONS`, names listed by `available_implementations()`):
+  pallas  our blocked online-softmax kernels (forward.py, backward.py) under a custom_vjp;
+          GPU through Pallas' Triton lowering, or anywhere with interpret=True.
+  xla     dense softmax(q k^T) v with float32 logits (reference.py); runs everywhere.
+  cudnn   jax.nn.dot_product_attention(implementation="cudnn"): NVIDIA GPU, bf16/fp16.
+  triton  jax-triton kernels (triton_backend.py); needs the jax-triton package.
+"auto" picks pallas on a GPU (falling back to xla for inputs the kernel does not take) and
+xla on CPU/TPU: the interpreter runs the kernel correctly but far slower than XLA.
+Masking semantics are documented in reference.py (causal is bottom-right aligned).
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Callable, Optional
+
+import jax
+import jax.numpy as jnp
+
+from kernels.attention import backward as bwd_kernels
+from kernels.attention import forward as fwd_kernels
+from kernels.attention import reference
+from kernels.attention.block_sizes import BlockSizes, default_block_sizes
+from research.registry import Registry
+
+MAX_HEAD_DIM = 256
+_FLOAT_DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
+
+
+# --- Problem description passed to every implementation's support check -----------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class AttentionSpec:
+  """Static facts about one call, for `Implementation.unsupported_reason`."""
+  batch: int
+  q_len: int
+  kv_len: int
+  num_heads: int
+  num_kv_heads: int
+  head_dim: int
+  dtype: jnp.dtype
+  causal: bool
+  has_kv_lengths: bool
+  interpret: bool
+  backend: str
+
+
+@dataclasses.dataclass(frozen=True)
+class Implementation:
+  """fn(q, k, v, *, causal, kv_lengths, scale, interpret) -> out; `unsupported_reason(spec)`
+  returns None when fn can run this call, else a sentence saying why not."""
+  name: str
+  fn: Callable
+  unsupported_reason: Callable[[AttentionSpec], Optional[str]]
+
+
+IMPLEMENTATIONS: Registry[Implementation] = Registry("attention implementation")
+
+
+def register_implementation(impl: Implementation) -> Implementation:
+  return IMPLEMENTATIONS.register(impl.name, impl)
+
+
+def available_implementations() -> list[str]:
+  return IMPLEMENTATIONS.names()
+
+
+# --- Pallas: padding + custom_vjp -------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class _PallasConfig:
+  causal: bool
+  scale: float
+  block_sizes: Optional[BlockSizes]  # None: per-backend default
+  interpret: bool
+
+
+def _padded_head_dim(d: int) -> int:
+  # Triton tensors must have power-of-two sizes and dots need >= 16: 40 -> 64, 72/96 -> 128.
+  return max(16, 1 << (d - 1).bit_length())
+
+
+def _round_up(n: int, m: int) -> int:
+  return -(-n // m) * m
+
+
+def _pad_to(x: jax.Array, length: int, dim_size: int) -> jax.Array:
+  pads = [(0, 0), (0, length - x.shape[1]), (0, 0), (0, dim_size - x.shape[3])]
+  if all(p == (0, 0) for p in pads):
+    return x
+  return jnp.pad(x, pads)
+
+
+def _plan(cfg: _PallasConfig, q_shape, k_shape):
+  _, t, _, d = q_shape
+  s = k_shape[1]
+  dp = _padded_head_dim(d)
+  bs = cfg.block_sizes
+  if bs is None:
+    bs = default_block_sizes("cpu" if cfg.interpret else "gpu", dp, cfg.causal)
+  bs = bs.fit(t, s)
+  tp, sp = _round_up(t, bs.q_multiple), _round_up(s, bs.kv_multiple)
+  return bs, tp, sp, dp
+
+
+def _static_kwargs(cfg: _PallasConfig, t: int, s: int, sp: int, has_kv_lengths: bool, bs):
+  return dict(scale=cfg.scale, causal=cfg.causal, causal_offset=s - t,
+              static_kv_len=(s if (sp > s and not has_kv_lengths) else None),
+              block_sizes=bs, interpret=cfg.interpret)
+
+
+@functools.lru_cache(maxsize=256)
+def _make_pallas_attention(cfg: _PallasConfig, t: int, s: int, d: int):
+  """custom_vjp function for one static configuration (true T, S, D are closed over)."""
+
+  @jax.custom_vjp
+  def attn(q, k, v, kv_lengths):
+    return fwd(q, k, v, kv_lengths)[0]
+
+  def fwd(q, k, v, kv_lengths):
+    bs, tp, sp, dp = _plan(cfg, q.shape, k.shape)
+    qp, kp, vp = _pad_to(q, tp, dp), _pad_to(k, sp, dp), _pad_to(v, sp, dp)
+    kw = _static_kwargs(cfg, t, s, sp, kv_lengths is not None, bs)
+    out_p, lse = fwd_kernels.flash_forward(qp, kp, vp, kv_lengths, **kw)
+    return out_p[:, :t, :, :d], (qp, kp, vp, kv_lengths, out_p, lse)
+
+  def bwd(res, dout):
+    qp, kp, vp, kv_lengths, out_p, lse = res
+    bs, tp, sp, dp = _plan(cfg, (qp.shape[0], t, qp.shape[2], d),
+                           (kp.shape[0], s, kp.shape[2], d))
+    kw = _static_kwargs(cfg, t, s, sp, kv_lengths is not None, bs)
+    dout_p = _pad_to(dout.astype(out_p.dtype), tp, dp)
+    # Padded query rows have dout == 0, hence delta == 0 and dS == 0: they add nothing.
+    delta = bwd_kernels.flash_delta(out_p, dout_p, block_q=bs.block_q_dq,
+                                    interpret=cfg.interpret)
+    dk, dv = bwd_kernels.flash_dkdv(qp, kp, vp, dout_p, lse, delta, kv_lengths, **kw)
+    dq = bwd_kernels.flash_dq(qp, kp, vp, dout_p, lse, delta, kv_lengths, **kw)
+    kv_ct = None if kv_lengths is None else jnp.zeros(kv_lengths.shape, jax.dtypes.float0)
+    return dq[:, :t, :, :d], dk[:, :s, :, :d], dv[:, :s, :, :d], kv_ct
+
+  attn.defvjp(fwd, bwd)
+  return attn
+
+
+def pallas_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, causal: bool = False,
+                     kv_lengths: jax.Array | None = None, scale: float | None = None,
+                     block_sizes: BlockSizes | None = None, interpret: bool = False) -> jax.Array:
+  """Our Pallas flash attention (forward + custom backward), without dispatch.
+
+  Same arguments and semantics as `dot_product_attention`, plus explicit `block_sizes`
+  (None: the per-backend default, see block_sizes.py). Inputs are padded internally to tile
+  multiples and a power-of-two head dim, so any T, S and D <= 256 work.
+  """
+  _validate(q, k, v, kv_lengths)
+  t, s, d = q.shape[1], k.shape[1], q.shape[3]
+  if d > MAX_HEAD_DIM:
+    raise ValueError(f"head_dim={d}; the Pallas kernel supports head dims up to {MAX_HEAD_DIM}.")
+  scale = float(1.0 / d ** 0.5 if scale is None else scale)
+  cfg = _PallasConfig(causal=bool(causal), scale=scale, block_sizes=block_sizes,
+                      interpret=bool(interpret))
+  if kv_lengths is not None:
+    kv_lengths = jnp.clip(jnp.asarray(kv_lengths).astype(jnp.int32), 0, s)
+  return _make_pallas_attention(cfg, t, s, d)(q, k, v, kv_lengths)
+
+
+# --- Validation -------------------------------------------------------------------------------
+
+
+def _validate(q, k, v, kv_lengths):
+  if q.ndim != 4 or k.ndim != 4 or v.ndim != 4:
+    raise ValueError(f"q, k, v must be [B, T, H, D] / [B, S, Hkv, D]; got shapes "
+                     f"{q.shape}, {k.shape}, {v.shape}.")
+  b, t, h, d = q.shape
+  if k.shape != v.shape:
+    raise ValueError(f"k and v must have the same shape; got {k.shape} and {v.shape}.")
+  if k.shape[0] != b or k.shape[3] != d:
+    raise ValueError(f"k/v batch and head dim must match q: q {q.shape}, k {k.shape}.")
+  hkv = k.shape[2]
+  if hkv == 0 or h % hkv:
+    raise ValueError(f"q heads ({h}) must be a multiple of k/v heads ({hkv}) (GQA/MQA).")
+  if not (q.dtype == k.dtype == v.dtype):
+    raise ValueError(f"q, k, v must share a dtype; got {q.dtype}, {k.dtype}, {v.dtype}.")
+  if q.dtype not in [jnp.dtype(x) for x in _FLOAT_DTYPES]:
+    raise ValueError(f"dtype {q.dtype} not supported; allowed: float32, bfloat16, float16.")
+  if t == 0 or k.shape[1] == 0 or d == 0:
+    raise ValueError(f"empty attention: q {q.shape}, k {k.shape}.")
+  if kv_lengths is not None:
+    kl = jnp.asarray(kv_lengths)
+    if kl.shape != (b,) or not jnp.issubdtype(kl.dtype, jnp.integer):
+      raise ValueError(f"kv_lengths must be an integer array of shape [B]=({b},); got "
+                       f"shape {kl.shape} dtype {kl.dtype}.")
+
+
+# --- Registered implementations ---------------------------------------------------------------
+
+
+def _has_cuda() -> bool:
+  try:
+    return len(jax.devices("cuda")) > 0
+  except RuntimeError:
+    return False
+
+
+def _pallas_reason(spec: AttentionSpec) -> Optional[str]:
+  if spec.head_dim > MAX_HEAD_DIM:
+    return f"head_dim={spec.head_dim} exceeds the kernel's maximum of {MAX_HEAD_DIM}."
+  if not spec.interpret and spec.backend != "gpu":
+    return (f"the kernel is lowered through Pallas' Triton backend, which needs a GPU, but "
+            f"the default backend is {spec.backend!r}; pass interpret=True (slow, exact) or "
+            f"use implementation='xla'.")
+  return None
+
+
+def _pallas_fn(q, k, v, *, causal, kv_lengths, scale, interpret):
+  return pallas_attention(q, k, v, causal=causal, kv_lengths=kv_lengths, scale=scale,
+                          interpret=interpret)
+
+
+def _xla_fn(q, k, v, *, causal, kv_lengths, scale, interpret):
+  del interpret
+  return reference.mha_reference(q, k, v, causal=causal, kv_lengths=kv_lengths, scale=scale)
+
+
+def _cudnn_reason(spec: AttentionSpec) -> Optional[str]:
+  if spec.backend != "gpu" or not _has_cuda():
+    return f"cuDNN attention needs an NVIDIA GPU; the default backend is {spec.backend!r}."
+  if jnp.dtype(spec.dtype) not in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)):
+    return f"cuDNN flash attention takes bfloat16 or float16, not {jnp.dtype(spec.dtype)}."
+  if spec.head_dim % 8 or spec.head_dim > 128:
+    return f"cuDNN flash attention needs head_dim a multiple of 8 and <= 128; got {spec.head_dim}."
+  if spec.causal and spec.q_len != spec.kv_len:
+    return ("cuDNN's causal mask is top-left aligned; this op's causal mask is bottom-right "
+            f"aligned, so T != S (T={spec.q_len}, S={spec.kv_len}) is refused.")
+  return None
+
+
+def _cudnn_fn(q, k, v, *, causal, kv_lengths, scale, interpret):
+  del interpret
+  b, t = q.shape[:2]
+  q_lens = None if kv_lengths is None else jnp.full((b,), t, jnp.int32)
+  out = jax.nn.dot_product_attention(
+      q, k, v, scale=scale, is_causal=causal, query_seq_lengths=q_lens,
+      key_value_seq_lengths=kv_lengths, implementation="cudnn")
+  if kv_lengths is not None:  # rows with nothing to attend to are zero in this op
+    out = jnp.where((kv_lengths > 0)[:, None, None, None], out, 0).astype(out.dtype)
+  return out
+
+
+def _triton_reason(spec: AttentionSpec) -> Optional[str]:
+  from kernels.attention import triton_backend
+  return triton_backend.unsupported_reason(spec)
+
+
+def _triton_fn(q, k, v, *, causal, kv_lengths, scale, interpret):
+  from kernels.attention import triton_backend
+  del interpret
+  return triton_backend.triton_attention(q, k, v, causal=causal, kv_lengths=kv_lengths,
+                                         scale=scale)
+
+
+register_implementation(Implementation("pallas", _pallas_fn, _pallas_reason))
+register_implementation(Implementation("xla", _xla_fn, lambda spec: None))
+register_implementation(Implementation("cudnn", _cudnn_fn, _cudnn_reason))
+register_implementation(Implementation("triton", _triton_fn, _triton_reason))
+
+
+# --- Dispatch ---------------------------------------------------------------------------------
+
+
+def _auto(spec: AttentionSpec) -> str:
+  if spec.backend == "gpu" and _pallas_reason(spec) is None:
+    return "pallas"
+  return "xla"
+
+
+def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, causal: bool = False,
+                          kv_lengths: jax.Array | None = None, scale: float | None = None,
+                          implementation: str = "auto",
+                          interpret: bool | None = None) -> jax.Array:
+  """Scaled dot-product attention, layout [B, T, H, D] (as jax.nn.dot_product_attention).
+
+  Args:
+    q: [B, T, H, D] queries; k, v: [B, S, Hkv, D] with H a multiple of Hkv (GQA / MQA).
+      float32, bfloat16 or float16.
+    causal: query i attends key j iff j <= i + (S - T) (bottom-right aligned; the usual
+      lower triangle when T == S).
+    kv_lengths: optional [B] ints; keys j >= kv_lengths[b] are ignored. A row with nothing
+      to attend to returns zeros (and zero gradients).
+    scale: logit scale; default 1 / sqrt(D).
+    implementation: "auto" or one of `available_implementations()`.
+    interpret: Pallas interpret mode; None means "interpret when the default backend is CPU".
+
+  Returns:
+    [B, T, H, D] in q's dtype.
+
+  Raises:
+    ValueError: bad shapes/dtypes, an unknown implementation, or one that cannot run this
+      call here (the message says why).
+  """
+  _validate(q, k, v, kv_lengths)
+  backend = jax.default_backend()
+  if interpret is None:
+    interpret = backend == "cpu"
+  b, t, h, d = q.shape
+  spec = AttentionSpec(batch=b, q_len=t, kv_len=k.shape[1], num_heads=h, num_kv_heads=k.shape[2],
+                       head_dim=d, dtype=q.dtype, causal=bool(causal),
+                       has_kv_lengths=kv_lengths is not None, interpret=bool(interpret),
+                       backend=backend)
+  name = _auto(spec) if implementation == "auto" else implementation
+  if name not in IMPLEMENTATIONS:
+    raise ValueError(f"implementation={implementation!r}; allowed: 'auto', "
+                     + ", ".join(repr(n) for n in available_implementations()) + ".")
+  impl = IMPLEMENTATIONS.get(name)
+  reason = impl.unsupported_reason(spec)
+  if reason is not None:
+    raise ValueError(f"implementation={name!r} cannot run this call: {reason}")
+  if kv_lengths is not None:
+    kv_lengths = jnp.asarray(kv_lengths)
+  return impl.fn(q, k, v, causal=bool(causal), kv_lengths=kv_lengths, scale=scale,
+                 interpret=bool(interpret))
