@@ -1,0 +1,140 @@
+"""Shared pieces of the samplers: time grids, option checking, the fixed-grid scan driver.
+
+A sampler family module defines `run(score_fn, sde, shape, rng, steps, **opts)` returning
+`(x, nfe, extra)` where nfe is an int32 array counted at run time (each score evaluation
+adds one inside the scanned step) and extra is a dict of scalar arrays for `info`.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Callable, Dict, Tuple
+
+import jax
+import jax.numpy as jnp
+
+from research.diffusion import parameterization as param
+from research.diffusion.sde import bcast, is_sde
+from research.registry import Registry
+
+Array = jax.Array
+GRIDS = ("uniform", "quadratic", "logsnr", "edm")
+REGISTRY: Registry = Registry("sampler")
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplerSpec:
+  """A registered sampler: its run function, option defaults and allowed choices."""
+  name: str
+  run: Callable[..., Tuple[Array, Array, Dict[str, Array]]]
+  defaults: Dict[str, Any]
+  choices: Dict[str, Tuple[Any, ...]]
+  check: Callable[[Dict[str, Any], Any, int], None] | None = None
+  doc: str = ""
+
+  def resolve(self, options: Dict[str, Any], sde, steps: int) -> Dict[str, Any]:
+    """Fills defaults and validates `options`; raises ValueError naming the bad argument."""
+    unknown = sorted(set(options) - set(self.defaults))
+    if unknown:
+      raise ValueError(f"Unknown option(s) {unknown} for sampler {self.name!r}; "
+                       f"allowed: {sorted(self.defaults)}.")
+    if not is_sde(sde):
+      raise ValueError(f"sampler {self.name!r}: `sde` must be an SDE from "
+                       f"research.diffusion.sde (vp, subvp, ve), got {type(sde).__name__}.")
+    if int(steps) != steps or steps < 1:
+      raise ValueError(f"sampler {self.name!r}: steps must be a positive int, got {steps!r}.")
+    opts = {**self.defaults, **options}
+    for key, allowed in self.choices.items():
+      if opts[key] not in allowed:
+        raise ValueError(f"sampler {self.name!r}: {key}={opts[key]!r}; allowed: "
+                         f"{', '.join(map(repr, allowed))}.")
+    for key, value in opts.items():
+      if isinstance(value, (list, dict, set)) or hasattr(value, "shape"):
+        raise ValueError(f"sampler {self.name!r}: option {key} must be a Python scalar or "
+                         "string (options are compile-time constants).")
+    if self.check is not None:
+      self.check(opts, sde, int(steps))
+    return opts
+
+
+def check_positive(name: str, opts: Dict[str, Any], *keys: str, strict=True) -> None:
+  for k in keys:
+    v = opts[k]
+    if not isinstance(v, (int, float)) or (v <= 0 if strict else v < 0) or math.isnan(v):
+      raise ValueError(f"sampler {name!r}: {k} must be {'>' if strict else '>='} 0, got {v!r}.")
+
+
+def time_grid(sde, steps: int, kind: str = "uniform", rho: float = 7.0) -> Array:
+  """Times t_0 = T > t_1 > ... > t_steps = eps, float32 [steps + 1].
+
+  kind:
+    "uniform"    equal steps in t.
+    "quadratic"  t - eps proportional to (1 - i/N)^2: dense near the data (DDIM paper).
+    "logsnr"     equal steps in lambda = log(alpha^2 / sigma^2) (DPM-Solver).
+    "edm"        EDM sigma^(1/rho) equally spaced (Karras et al. 2022, rho = 7).
+  """
+  if kind not in GRIDS:
+    raise ValueError(f"Unknown time grid {kind!r}; allowed: {', '.join(GRIDS)}.")
+  u = jnp.linspace(0.0, 1.0, steps + 1)  # 0 at T, 1 at eps
+  t_hi, t_lo = float(sde.T), float(sde.eps)
+  if kind == "uniform":
+    t = t_hi + (t_lo - t_hi) * u
+  elif kind == "quadratic":
+    t = t_lo + (t_hi - t_lo) * (1.0 - u)**2
+  elif kind == "logsnr":
+    l_hi, l_lo = sde.logsnr(t_hi), sde.logsnr(t_lo)
+    t = sde.t_from_logsnr(l_hi + (l_lo - l_hi) * u)
+  else:
+    s_max, s_min = sde.edm_sigma(t_hi), sde.edm_sigma(t_lo)
+    s = (s_max**(1 / rho) + u * (s_min**(1 / rho) - s_max**(1 / rho)))**rho
+    t = sde.t_from_edm_sigma(s)
+  # Pin the ends exactly (the inverse maps are float32 round trips) and keep monotone.
+  t = t.at[0].set(t_hi).at[-1].set(t_lo)
+  return t.astype(jnp.float32)
+
+
+def full_t(t: Array, batch: int) -> Array:
+  return jnp.full((batch,), t, jnp.float32)
+
+
+def denoise(score_fn, sde, x: Array, t: Array) -> Array:
+  """Tweedie's E[x_0 | x_t = x] at the final time (one score evaluation)."""
+  return param.score_to_x0(score_fn(x, t), t, sde, x)
+
+
+def scan_grid(step_fn, x0_carry, grid: Array, rng: Array, *, with_index=False):
+  """Runs `carry = step_fn(carry, t_cur, t_next, key[, i])` over consecutive grid pairs."""
+  steps = grid.shape[0] - 1
+  keys = jax.random.split(rng, steps)
+  xs = (grid[:-1], grid[1:], keys, jnp.arange(steps))
+
+  def body(carry, inp):
+    t_cur, t_next, key, i = inp
+    if with_index:
+      return step_fn(carry, t_cur, t_next, key, i), None
+    return step_fn(carry, t_cur, t_next, key), None
+
+  carry, _ = jax.lax.scan(body, x0_carry, xs)
+  return carry
+
+
+def finish(score_fn, sde, x: Array, nfe: Array, denoise_final: bool):
+  """Optional final denoising step at t = eps (counted as one NFE)."""
+  if not denoise_final:
+    return x, nfe
+  t = full_t(sde.eps, x.shape[0])
+  return denoise(score_fn, sde, x, t), nfe + 1
+
+
+def b(a: Array, x: Array) -> Array:
+  return bcast(a, x)
+
+
+def register(name: str, *, defaults: Dict[str, Any], choices: Dict[str, Tuple[Any, ...]] = None,
+             check=None):
+  """Decorator registering `run(score_fn, sde, shape, rng, steps, **opts)` as sampler `name`."""
+  def deco(run):
+    REGISTRY.register(name, SamplerSpec(name, run, dict(defaults), dict(choices or {}), check,
+                                        run.__doc__ or ""))
+    return run
+  return deco
