@@ -24,7 +24,8 @@ def scatter(path: str, samples, reference=None, title: str = "", labels=None,
   if c is None:
     ax.scatter(s[:, 0], s[:, 1], s=1, c="C0", label="samples", rasterized=True)
   else:
-    ax.scatter(s[:, 0], s[:, 1], s=1, c=c, cmap="tab10", label="samples", rasterized=True)
+    ax.scatter(s[:, 0], s[:, 1], s=1, c=c, cmap="tab10", vmin=0, vmax=9, label="samples",
+               rasterized=True)
   ax.set_aspect("equal")
   ax.set_title(title, fontsize=9)
   ax.legend(loc="upper right", markerscale=6, fontsize=7)

@@ -134,10 +134,38 @@ def validate(config, mode: str = "train") -> None:
   _positive_int(config, "sample.batch_size")
   parse_options(config.sample.options)
   _choice(config, "guidance.kind", ("none", "cfg", "classifier"))
-  if config.guidance.kind != "none" and not config.data.conditional:
-    _fail("guidance.kind", config.guidance.kind, "'none' unless data.conditional=True")
+  if config.guidance.kind == "cfg" and not config.data.conditional:
+    _fail("guidance.kind", config.guidance.kind,
+          "'none' or 'classifier' unless data.conditional=True (CFG needs a conditional model)")
   if config.guidance.kind == "cfg" and config.diffusion.p_uncond <= 0:
     _fail("diffusion.p_uncond", config.diffusion.p_uncond,
           "> 0 with guidance.kind='cfg' (the unconditional model is trained by label dropout)")
   _positive_int(config, "eval.num_reference")
   _positive_int(config, "eval.num_projections")
+  # guidance (experiments/guided.py; research/diffusion/guidance.py)
+  g = config.guidance
+  if g.kind != "none":
+    scales = g.scales
+    if (not isinstance(scales, (tuple, list)) or not scales
+        or any(isinstance(s, bool) or not isinstance(s, (int, float)) or not s >= 0
+               for s in scales)):
+      _fail("guidance.scales", scales, "a non-empty tuple of numbers >= 0")
+    if config.objective != "diffusion":
+      _fail("guidance.kind", g.kind, "'none' unless objective='diffusion'")
+    if name == "swissroll":
+      _fail("guidance.kind", g.kind, "'none' for data.name='swissroll' (it has no labels)")
+    _positive_int(config, "guidance.samples_per_class")
+  if g.kind == "classifier":
+    if name not in TOY_DATA:
+      _fail("guidance.kind", g.kind, "'classifier' only for vector (toy) data: the "
+            "noise-conditional classifier (research/models/noise_classifier.py) takes [B, D]")
+    _positive_int(config, "guidance.classifier_steps")
+    _positive_int(config, "guidance.classifier_hidden")
+    _positive_int(config, "guidance.classifier_depth")
+    _positive_float(config, "guidance.classifier_learning_rate")
+    _choice(config, "guidance.classifier_base", ("unconditional", "conditional"))
+    if (g.classifier_base == "unconditional" and config.data.conditional
+        and config.diffusion.p_uncond <= 0):
+      _fail("guidance.classifier_base", g.classifier_base,
+            "'conditional' when diffusion.p_uncond=0 (the null label of a conditional model "
+            "is only trained by label dropout)")

@@ -28,7 +28,6 @@ def test_quickstart_configs_validate():
 @pytest.mark.parametrize("key,value,pattern", [
     ("model.name", "transformerz", r"config\.model\.name='transformerz'.*'mlp'"),
     ("train.steps", -5, r"config\.train\.steps=-5.*integer >= 1"),
-    ("train.steps", 2.5, r"config\.train\.steps=2\.5.*integer >= 1"),
     ("data.batch_size", 0, r"config\.data\.batch_size=0"),
     ("diffusion.sde", "vpp", r"config\.diffusion\.sde='vpp'.*'vp', 'subvp', 've'"),
     ("diffusion.loss", "l2", r"config\.diffusion\.loss='l2'.*'ddpm'"),

@@ -1,0 +1,258 @@
+"""Guided sampling after training: every class at every guidance scale, saved and scored.
+
+  guided_sample_and_evaluate(config, workdir, state=None) -> {tag: metrics}
+
+With config.guidance.kind == "cfg" the conditional model (trained with label dropout) is
+sampled with classifier-free guidance at each w in config.guidance.scales; with "classifier"
+a noise-conditional classifier is trained first (on x_t at random t, checkpointed under
+WORKDIR/classifier/) and its gradient guides the base score at each s. Sampling uses
+config.sample.sampler / steps / options. Per scale it writes
+
+  samples/<tag>.npz    "samples" [K * n, *dims] float32 and the requested "labels" [K * n]
+  figures/<tag>.png    scatter coloured by requested class (vector data) or an image grid
+  metrics.jsonl        split "guidance": scale, nfe, and for Gaussian-mixture data the
+                       accuracy (share of samples nearest the requested mode's mean) and the
+                       within-mode std ratio (guidance.conditional_mode_metrics)
+
+and finally figures/guidance_<kind>.png (accuracy and spread against the scale).
+"""
+from __future__ import annotations
+
+import os
+import time
+from typing import Dict, Tuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import logging
+
+from experiments import builders
+from experiments import plotting
+from experiments import validate as validate_lib
+from experiments import workdir as wd
+from research.diffusion import guidance
+from research.train_state import TrainState, make_optimizer
+
+CLASSIFIER_DIR = "classifier"
+
+
+def scale_tag(config, scale: float) -> str:
+  """samples/<tag>.npz name of one guidance scale, e.g. "cfg_w3_ddpm_1000"."""
+  g = config.guidance
+  letter = "w" if g.kind == "cfg" else "s"
+  return f"{g.kind}_{letter}{float(scale):g}_{config.sample.sampler}_{config.sample.steps}"
+
+
+# ---- the noise-conditional classifier ----------------------------------------------------
+def build_classifier(config, spec):
+  from research.models.noise_classifier import NoiseConditionalClassifier
+  g = config.guidance
+  return NoiseConditionalClassifier(num_classes=spec.num_classes, hidden=g.classifier_hidden,
+                                    depth=g.classifier_depth,
+                                    time_embedding=config.model.time_embedding)
+
+
+def _exact_classifier(spec, sde):
+  """The exact noisy classifier when the data is an isotropic Gaussian mixture, else None."""
+  ds = spec.toy
+  if ds is None or not (hasattr(ds, "means") and hasattr(ds, "std")):
+    return None
+  from research.diffusion.analytic import GaussianMixture
+  return guidance.gmm_classifier_logits(GaussianMixture(ds.means, ds.stds, ds.weights), sde)
+
+
+def train_classifier(config, workdir: str, spec, sde) -> Tuple[object, object]:
+  """Trains (or resumes) the noise-conditional classifier; returns (module, params).
+
+  Cross-entropy on x_t = alpha x_0 + sigma noise at t ~ U(eps, T)
+  (guidance.noisy_classifier_loss), AdamW with warmup + cosine decay, checkpoints in
+  WORKDIR/classifier/checkpoints. For Gaussian-mixture data each log row also carries the
+  loss of the exact posterior on the same batch ("loss_bayes", the lowest achievable).
+  """
+  g = config.guidance
+  module = build_classifier(config, spec)
+  total = int(g.classifier_steps)
+  seed_rng = jax.random.fold_in(jax.random.PRNGKey(config.seed), 11)
+  first = next(builders.train_batches(config, spec, 0))
+  t0 = jnp.full((first["x"].shape[0],), 0.5, jnp.float32)
+  params = module.init(seed_rng, first["x"], t0)["params"]
+  tx, lr = make_optimizer(learning_rate=g.classifier_learning_rate,
+                          warmup_steps=min(100, total // 10), total_steps=total,
+                          grad_clip=config.optim.grad_clip)
+  state = TrainState.create(params, tx, ema_decay=0.0)  # EMA unused: we keep `params`
+  ckpt = wd.Checkpointer(os.path.join(workdir, CLASSIFIER_DIR), keep=1)
+  start = ckpt.latest_step()
+  if start is not None:
+    state = ckpt.restore(state, start)
+  start = int(state.step)
+  writer = wd.MetricWriter(workdir)
+  exact = _exact_classifier(spec, sde)
+
+  def loss_fn(p, batch, rng):
+    logits_fn = guidance.flax_classifier_fn(module, p, sde)
+    return jnp.mean(guidance.noisy_classifier_loss(logits_fn, sde, batch["x"], batch["label"],
+                                                   rng))
+
+  def step_fn(state, batch, rng):
+    rng = jax.random.fold_in(rng, state.step)
+    loss, grads = jax.value_and_grad(loss_fn)(state.params, batch, rng)
+    metrics = {"loss": loss, "learning_rate": lr(state.step)}
+    if exact is not None:  # same t and noise (same rng): the Bayes-optimal loss of this batch
+      metrics["loss_bayes"] = jnp.mean(guidance.noisy_classifier_loss(
+          exact, sde, batch["x"], batch["label"], rng))
+    return state.apply_gradients(grads), metrics
+
+  step_fn = jax.jit(step_fn, donate_argnums=(0,))
+  rng = jax.random.fold_in(jax.random.PRNGKey(config.seed), 12)
+  batches = builders.train_batches(config, spec, start)
+  log_every = max(1, min(config.train.log_every, total))
+  try:
+    for step in range(start, total):
+      state, metrics = step_fn(state, next(batches), rng)
+      done = step + 1
+      if done % log_every == 0 or done == total:
+        m = {k: float(v) for k, v in jax.device_get(metrics).items()}
+        if not np.isfinite(m["loss"]):
+          raise FloatingPointError(f"classifier loss is {m['loss']} at step {done}; try a lower "
+                                   "guidance.classifier_learning_rate.")
+        writer.write(done, "classifier", m)
+      if done == total:
+        ckpt.save(done, state)
+  finally:
+    ckpt.close()
+  logging.info("Noise-conditional classifier: %d steps (%s)", total,
+               os.path.join(workdir, CLASSIFIER_DIR))
+  return module, state.params
+
+
+# ---- guided score functions --------------------------------------------------------------
+def guided_score_factory(config, objective, params, spec, classifier=None):
+  """Returns make(labels [B], scale) -> score_fn, a jax Partial (one compile for all calls).
+
+  `classifier` is (module, params) of the noise-conditional classifier (kind "classifier").
+  """
+  kind = config.guidance.kind
+  null = spec.num_classes
+  if kind == "cfg":
+    if not objective.conditional:
+      raise ValueError("guidance.kind='cfg' needs a conditional model (data.conditional=True).")
+    model_fn = guidance.flax_model_fn(objective.model, params)
+    return lambda labels, scale: guidance.classifier_free_guidance(
+        model_fn, labels, scale, sde=objective.sde, prediction=objective.prediction,
+        null_label=null)
+  if kind == "classifier":
+    if classifier is None:
+      raise ValueError("guidance.kind='classifier' needs the trained classifier (module, params).")
+    module, clf_params = classifier
+    logits_fn = guidance.flax_classifier_fn(module, clf_params, objective.sde)
+    base = config.guidance.classifier_base
+
+    model_fn = guidance.flax_model_fn(objective.model, params)
+
+    def make(labels, scale):
+      if not objective.conditional:
+        base_score = objective.score_fn(params, None)
+      else:
+        base_labels = jnp.full(labels.shape, null, jnp.int32) if base == "unconditional" else labels
+        # Built from the module (hashable) rather than the objective instance, so a rebuilt
+        # objective reuses the compiled sampler.
+        base_score = guidance.label_score_fn(model_fn, base_labels, sde=objective.sde,
+                                             prediction=objective.prediction)
+      return guidance.classifier_guidance(base_score, logits_fn, labels, scale)
+    return make
+  raise ValueError(f"config.guidance.kind={kind!r}; guided sampling needs 'cfg' or 'classifier'.")
+
+
+def _draw(config, make_score, sde, dims, labels: np.ndarray, scale: float, rng):
+  """Samples for `labels` in equal-size chunks (the last one padded), so one compile serves."""
+  from research.diffusion import samplers
+  options = validate_lib.parse_options(config.sample.options)
+  options.setdefault("denoise", config.sample.denoise)
+  chunk = min(config.sample.batch_size, labels.shape[0])
+  out, nfe = [], 0
+  for i, start in enumerate(range(0, labels.shape[0], chunk)):
+    lab = labels[start:start + chunk]
+    n = lab.shape[0]
+    if n < chunk:
+      lab = np.concatenate([lab, np.resize(lab, chunk - n)])
+    score_fn = make_score(jnp.asarray(lab, jnp.int32), jnp.float32(scale))
+    x, info = samplers.sample(config.sample.sampler, score_fn, sde, (chunk, *dims),
+                              jax.random.fold_in(rng, i), steps=config.sample.steps, **options)
+    out.append(np.asarray(x)[:n])
+    nfe = int(info["nfe"])
+  return np.concatenate(out, 0), nfe
+
+
+def _summary_figure(path: str, kind: str, rows) -> None:
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  scales = [r["scale"] for r in rows]
+  fig, ax = plt.subplots(1, 2, figsize=(8, 3.2), dpi=110)
+  ax[0].plot(scales, [r["accuracy"] for r in rows], "o-")
+  ax[0].set_ylabel("accuracy (nearest mode = requested)")
+  ax[1].plot(scales, [r["std_ratio"] for r in rows], "o-")
+  ax[1].axhline(1.0, color="0.6", lw=0.8)
+  ax[1].set_ylabel("within-mode std / true std")
+  for a in ax:
+    a.set_xlabel("w" if kind == "cfg" else "s")
+  fig.suptitle(f"{kind} guidance", fontsize=9)
+  fig.tight_layout()
+  fig.savefig(path)
+  plt.close(fig)
+
+
+def guided_sample_and_evaluate(config, workdir: str, state=None) -> Dict[str, Dict[str, float]]:
+  """Samples every class at every scale in config.guidance.scales; returns {tag: metrics}."""
+  spec = builders.build_data_spec(config)
+  if spec.num_classes < 2:
+    raise ValueError(f"guidance needs labelled data with >= 2 classes; data.name="
+                     f"{config.data.name!r} has {spec.num_classes}.")
+  objective = builders.build_objective(config, spec)
+  if state is None:
+    from experiments import train as train_lib
+    state, ckpt = train_lib.restore_or_create(config, workdir, objective, spec)
+    ckpt.close()
+  params = state.ema_params if config.sample.use_ema else state.params
+  step = int(state.step)
+  classifier = None
+  if config.guidance.kind == "classifier":
+    classifier = train_classifier(config, workdir, spec, objective.sde)
+  make_score = guided_score_factory(config, objective, params, spec, classifier)
+  k, n = spec.num_classes, config.guidance.samples_per_class
+  labels = np.repeat(np.arange(k, dtype=np.int32), n)
+  mixture = spec.toy is not None and hasattr(spec.toy, "means") and hasattr(spec.toy, "std")
+  rng = jax.random.fold_in(jax.random.PRNGKey(config.seed), 13)
+  writer = wd.MetricWriter(workdir)
+  results, rows = {}, []
+  for scale in config.guidance.scales:
+    tag = scale_tag(config, scale)
+    t0 = time.perf_counter()
+    # Same rng at every scale: the scales are compared on the same initial noise.
+    samples, nfe = _draw(config, make_score, objective.sde, spec.dims, labels, float(scale), rng)
+    metrics: Dict[str, float] = {"tag": tag, "kind": config.guidance.kind,
+                                 "scale": float(scale), "nfe": nfe,
+                                 "sample_seconds": time.perf_counter() - t0}
+    if mixture:
+      metrics.update(guidance.conditional_mode_metrics(samples, labels, spec.toy.means,
+                                                       spec.toy.std))
+      rows.append(metrics)
+    wd.save_samples(workdir, tag, samples, labels)
+    title = f"{config.data.name}: {tag} ({nfe} NFE), step {step}"
+    if spec.kind == "toy":
+      ref, _ = spec.toy.sample(jax.random.fold_in(rng, 99), 5000)
+      # Shuffled, so the scatter's first-N cut shows every class, not the first few.
+      order = np.random.default_rng(0).permutation(labels.shape[0])
+      plotting.scatter(wd.figure_path(workdir, tag), samples[order], ref, labels=labels[order],
+                       title=title)
+    else:
+      plotting.image_grid(wd.figure_path(workdir, tag), samples, title=title)
+    writer.write(step, "guidance", metrics)
+    logging.info("Guided samples %s: %s", tag, {kk: (round(v, 4) if isinstance(v, float) else v)
+                                                for kk, v in metrics.items()})
+    results[tag] = metrics
+  if rows:
+    _summary_figure(wd.figure_path(workdir, f"guidance_{config.guidance.kind}"),
+                    config.guidance.kind, rows)
+  return results
