@@ -20,6 +20,16 @@ Sections, in priority order:
                   sweep rows again for ours with the best tiles ("ours_tuned")
 
   python experiments/benchmarks/attention_gpu_check.py --out /tmp/gpu_check [--extra]
+
+--mode run2 is the short second run (about 240 s on an H200, compiles included; default
+--budget_s 225): smoke; fp32 + bf16 correctness on three odd shapes (+ bf16 small tiles);
+the main sweep rows (T in {2048, 4096, 8192}, D in {64, 128}, causal both) for ours,
+bundled Pallas and cuDNN (XLA's numbers are in run 1); then, if time remains, tuning of
+the D = 128 rows only and those rows again with the best tiles. Run 1's numbers for ours
+(--compare, default results/attention_gpu_h200_run1.json) are added as columns
+"ours_run1" / "ours_tuned_run1" so the tables show the change.
+
+  python experiments/benchmarks/attention_gpu_check.py --mode run2 --out /tmp/gpu_check2
 """
 from __future__ import annotations
 
@@ -70,14 +80,27 @@ def summarize_exception(e: BaseException) -> str:
 def main(argv=None):
   p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   p.add_argument("--out", required=True, help="output directory")
-  p.add_argument("--budget_s", type=float, default=450.0,
-                 help="wall-clock budget for the whole script; later sections are skipped")
+  p.add_argument("--mode", default="full", choices=("full", "run2"),
+                 help="full: everything (~8 min); run2: short second run (~4 min), see above")
+  p.add_argument("--budget_s", type=float, default=None,
+                 help="wall-clock budget for the whole script; later sections are skipped "
+                      "(default 450 for full, 225 for run2)")
+  p.add_argument("--compare", default=os.path.join(os.path.dirname(os.path.abspath(__file__)),
+                                                   "results", "attention_gpu_h200_run1.json"),
+                 help="an earlier gpu_check.json whose 'ours' cells become extra columns "
+                      "(run2 mode; '' for none)")
   p.add_argument("--extra", action="store_true", help="also T=512, 1024, 16384 sweep rows")
   p.add_argument("--iters", type=int, default=20)
   p.add_argument("--skip", default="", help="comma list of sections to skip")
   p.add_argument("--dry_run", action="store_true",
                  help="tiny sizes in interpret mode: checks this script's plumbing on a CPU")
   args = p.parse_args(argv)
+  run2 = args.mode == "run2"
+  if args.budget_s is None:
+    args.budget_s = 225.0 if run2 else 450.0
+  if run2:  # what run 1 already answered (memory at T=32768, XLA, extra T) is not re-run
+    args.extra = False
+    args.skip = ",".join(filter(None, [args.skip, "long"]))
   dry = args.dry_run
   interp = dry  # the real run never interprets
   os.makedirs(args.out, exist_ok=True)
@@ -191,10 +214,17 @@ def main(argv=None):
   runs = [(n, dt, None) for n in cases for dt in (jnp.bfloat16, jnp.float16)]
   runs += [("odd_gqa_causal_kvlen", jnp.float32, None),
            ("odd_gqa_causal_kvlen", jnp.bfloat16, small_tiles)]
+  # Share of the budget the correctness section may use before the sweep.
+  corr_share = 0.45
+  if run2:  # fp32 (now full-precision dots) and bf16 on the three odd shapes + small tiles
+    odd = ("odd_gqa_causal_kvlen", "odd_mha_noncausal_scale", "causal_t_gt_s_mqa")
+    runs = [(n, dt, None) for n in odd for dt in (jnp.float32, jnp.bfloat16)]
+    runs += [("odd_gqa_causal_kvlen", jnp.bfloat16, small_tiles)]
+    corr_share = 0.35
   if "correctness" not in skip:
     log("=== 2. correctness vs float32 reference (rel err = max|x-ref|/max|ref|) ===")
     for i, (name, dtype, bs) in enumerate(runs):
-      if time_left() < 0.55 * args.budget_s:  # keep most of the budget for the sweep
+      if time_left() < (1 - corr_share) * args.budget_s:  # keep most for the sweep
         log(f"SKIP correctness {name} ({jnp.dtype(dtype).name}): time budget")
         continue
       label = f"{name} {jnp.dtype(dtype).name}" + (" small_tiles" if bs else "")
@@ -208,7 +238,10 @@ def main(argv=None):
         corr.append({"case": label, "ok": False, "error": summarize_exception(e)})
         log(f"FAIL {label}: {summarize_exception(e)}")
     # Dispatch: "auto" must pick pallas on a GPU; cuDNN agrees with the reference.
+    # (Passed in run 1 and independent of tiles and precision: not repeated in run2.)
     try:
+      if run2:
+        raise _Skip()
       q, k, v, _ = inputs(1, 2, 512, 512, 4, 4, 64, jnp.bfloat16)
       auto = jax.jit(lambda q, k, v: dot_product_attention(q, k, v, causal=True,
                                                            interpret=interp))(q, k, v)
@@ -227,6 +260,8 @@ def main(argv=None):
                    "errs": {"out": rel(cud, ref)}})
       log(f"INFO cudnn vs reference rel={rel(cud, ref):.2e}; ours vs reference "
           f"rel={rel(ours, ref):.2e}")
+    except _Skip:
+      pass
     except Exception as e:
       corr.append({"case": "dispatch", "ok": False, "error": summarize_exception(e)})
       log(f"FAIL dispatch check: {summarize_exception(e)}")
@@ -236,7 +271,8 @@ def main(argv=None):
 
   # --- 3. sweep ---------------------------------------------------------------------------
   cells = []
-  impls = list(bench.IMPLS)
+  impls = [i for i in bench.IMPLS if not (run2 and i == "xla")]
+  sweep_reserve = 10 if run2 else 60  # seconds kept for later sections
   kw = dict(tokens=16384, hidden=2048, dtype_name="bf16", iters=args.iters, interpret=interp)
   main_ts, tune_t, long_t = (2048, 4096, 8192), 4096, 32768
   if dry:
@@ -251,7 +287,7 @@ def main(argv=None):
     log("=== 3. sweep: B*T=16384, H*D=2048, bf16; TFLOP/s (fwd=4BHT^2D, /2 causal; fwd_bwd=3.5x) ===")
     for t in main_ts:
       cells += bench.sweep([t], [64, 128], [False, True], ["fwd", "fwd_bwd"], impls,
-                           deadline=deadline - 60, **kw)
+                           deadline=deadline - sweep_reserve, **kw)
       save_cells()
     log("\n" + bench.markdown_table(cells))
 
@@ -272,18 +308,29 @@ def main(argv=None):
     log(f"=== 5. tune at T={tune_t} (bf16): forward tiles, then backward tiles ===")
     fwd_cands = [(128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 3), (64, 64, 4, 3),
                  (128, 32, 4, 4), (64, 128, 4, 3)]
-    bwd_cands = [(32, 128, 128, 32, 4, 3), (32, 128, 128, 32, 8, 2), (64, 64, 64, 64, 4, 3),
-                 (64, 128, 128, 64, 8, 2), (16, 128, 128, 16, 4, 4), (32, 64, 64, 32, 4, 3)]
+    # (bq_dkv, bk_dkv, warps_dkv, stages_dkv, bq_dq, bk_dq, warps_dq, stages_dq)
+    bwd_cands = [(32, 128, 4, 3, 128, 32, 4, 3), (32, 128, 8, 2, 128, 32, 8, 2),
+                 (64, 64, 4, 3, 64, 64, 4, 3), (64, 128, 8, 2, 128, 64, 8, 2),
+                 (16, 128, 4, 4, 128, 16, 4, 4), (32, 64, 4, 3, 64, 32, 4, 3)]
+    tune_dims, tune_reserve = (128, 64), 40
+    if run2:  # around run 1's winners, D = 128 only (the rows that miss the targets)
+      fwd_cands = [(128, 64, 8, 3), (128, 128, 8, 3), (128, 128, 8, 2), (64, 64, 4, 3),
+                   (64, 128, 4, 3), (128, 64, 8, 4)]
+      bwd_cands = [(64, 64, 4, 3, 64, 64, 4, 3), (64, 64, 4, 2, 64, 64, 4, 2),
+                   (64, 64, 4, 4, 64, 64, 4, 4), (32, 64, 4, 3, 64, 32, 4, 3),
+                   (64, 128, 8, 3, 128, 64, 8, 3), (32, 128, 8, 3, 64, 64, 4, 3),
+                   (64, 64, 4, 3, 128, 64, 8, 3), (64, 128, 8, 2, 64, 64, 4, 3)]
+      tune_dims, tune_reserve = (128,), 15
     if dry:
       fwd_cands, bwd_cands = fwd_cands[:2], bwd_cands[:2]
     tune_log = []
     results["sections"]["tune"] = tune_log
-    for d in (128, 64):
+    for d in tune_dims:
       for causal in (False, True):
         base = default_block_sizes("gpu", d, causal)
         best_f = (None, base)
         for bq, bk, w, st in fwd_cands:
-          if time_left() < 40:
+          if time_left() < tune_reserve:
             break
           bs = dataclasses.replace(base, block_q=bq, block_k=bk, num_warps=w, num_stages=st)
           c = bench.run_cell("ours", tune_t, d, causal, "fwd", block_sizes=bs, **kw)
@@ -294,18 +341,18 @@ def main(argv=None):
           if c.tflops and (best_f[0] is None or c.tflops > best_f[0]):
             best_f = (c.tflops, bs)
         best_b = (None, best_f[1])
-        for bqd, bkd, bqq, bkq, w, st in bwd_cands:
-          if time_left() < 40:
+        for cand in bwd_cands:
+          if time_left() < tune_reserve:
             break
+          bqd, bkd, wd, sd, bqq, bkq, wq, sq = cand
           bs = dataclasses.replace(best_f[1], block_q_dkv=bqd, block_k_dkv=bkd, block_q_dq=bqq,
-                                   block_k_dq=bkq, num_warps_dkv=w, num_stages_dkv=st,
-                                   num_warps_dq=w, num_stages_dq=st)
+                                   block_k_dq=bkq, num_warps_dkv=wd, num_stages_dkv=sd,
+                                   num_warps_dq=wq, num_stages_dq=sq)
           c = bench.run_cell("ours", tune_t, d, causal, "fwd_bwd", block_sizes=bs, **kw)
           tune_log.append({"d": d, "causal": causal, "pass": "fwd_bwd",
-                           "cand": [bqd, bkd, bqq, bkq, w, st], "tflops": c.tflops,
-                           "error": c.error})
-          log(f"  tune bwd D={d} causal={causal} (bq_dkv,bk_dkv,bq_dq,bk_dq,warps,stages)="
-              f"{(bqd, bkd, bqq, bkq, w, st)}: "
+                           "cand": list(cand), "tflops": c.tflops, "error": c.error})
+          log(f"  tune bwd D={d} causal={causal} (bq_dkv,bk_dkv,w_dkv,st_dkv,bq_dq,bk_dq,"
+              f"w_dq,st_dq)={cand}: "
               + (f"{c.tflops:.0f} TFLOP/s" if c.tflops else f"ERROR {c.error}"))
           if c.tflops and (best_b[0] is None or c.tflops > best_b[0]):
             best_b = (c.tflops, bs)
@@ -315,12 +362,13 @@ def main(argv=None):
     results["tuned_block_sizes"] = {f"D={d} causal={c}": dataclasses.asdict(bs)
                                     for (d, c), bs in tuned.items()}
     save()
-    if tuned and time_left() > 60:
+    if tuned and time_left() > (12 if run2 else 60):
       log("=== 5b. main sweep rows for ours with the tuned tiles ===")
       for t in main_ts:
-        cells += bench.sweep([t], [64, 128], [False, True], ["fwd", "fwd_bwd"], ["ours"],
+        cells += bench.sweep([t], list(tune_dims), [False, True], ["fwd", "fwd_bwd"], ["ours"],
                              block_sizes_for=lambda d, c: tuned.get((d, c)),
-                             label_for={"ours": "ours_tuned"}, deadline=deadline - 45, **kw)
+                             label_for={"ours": "ours_tuned"},
+                             deadline=deadline - (3 if run2 else 45), **kw)
         save_cells()
 
   # --- 6. extra sequence lengths ------------------------------------------------------------
@@ -341,8 +389,12 @@ def main(argv=None):
       lines.append(f"| {c['case']} | {'PASS' if c.get('ok') else 'FAIL'} | " +
                    " | ".join(f"{e[k]:.1e}" if k in e else "-" for k in ("out", "dq", "dk", "dv"))
                    + f" | {c.get('error', '')[:120]} |")
+  earlier = load_earlier(args.compare) if (run2 and args.compare and cells) else []
+  if earlier:
+    log(f"comparison columns from {args.compare}: {len(earlier)} cells")
   if cells:
-    lines += ["", "## TFLOP/s (bf16, B*T=16384, H*D=2048)", "", bench.markdown_table(cells)]
+    lines += ["", "## TFLOP/s (bf16, B*T=16384, H*D=2048)", "",
+              bench.markdown_table(cells + earlier)]
     lines += ["", "## Compiled temporary memory (MiB)", "",
               bench.markdown_table(cells, "temp_mib")]
     lines += ["", "## Issue 5 targets", ""] + targets(cells)
@@ -360,6 +412,30 @@ def main(argv=None):
     f.write(report + "\n")
   log("\n" + report)
   log(f"done in {time.time() - T_START:.0f}s; wrote {args.out}")
+
+
+class _Skip(Exception):
+  """Control flow: a check that this mode leaves out."""
+
+
+def load_earlier(path: str) -> list:
+  """Sweep cells of ours from an earlier gpu_check.json, renamed '<impl>_run1' (only the
+  rows this run also measured are shown, by markdown_table's row keys)."""
+  from experiments.benchmarks import attention as bench
+  try:
+    with open(path) as f:
+      old = json.load(f)
+  except (OSError, ValueError) as e:
+    log(f"no comparison columns: {e}")
+    return []
+  out = []
+  fields = {f.name for f in dataclasses.fields(bench.Cell)}
+  for c in old.get("sections", {}).get("sweep", []):
+    if c.get("impl") in ("ours", "ours_tuned"):
+      c = {k: v for k, v in c.items() if k in fields}
+      c["impl"] = c["impl"] + "_run1"
+      out.append(bench.Cell(**c))
+  return out
 
 
 def targets(cells) -> list[str]:

@@ -79,18 +79,22 @@ def _dkdv_kernel(*refs, scale: float, causal: bool, causal_offset: int,
     dk, dv = carry
     q_start = qb * block_q
     q, do, lse, delta = load_rows(g, q_start)
-    s = c.dot(q, ks, 1, 1)  # [block_q, block_k] base-2 logits
+    # Transposed formulation (as in the FlashAttention-2 Triton tutorial): S^T = K Q^T comes
+    # out of the MMA as [block_k, block_q], so P^T and dS^T are already the left operands of
+    # dV += P^T dO and dK += dS^T Q. Only tiles loaded from memory (q, dO) are transposed,
+    # which Triton does while staging them in shared memory, never a register tile.
+    st = c.dot(ks, q, 1, 1)  # [block_k, block_q] base-2 logits
     if masked:
       mask = c.tile_mask(q_start, k_start, block_q, block_k, causal=causal,
-                         causal_offset=causal_offset, kv_len=kv_len)
-      s = jnp.where(mask, s, c.MASK_VALUE)
-    p = jnp.exp2(s - lse[:, None])
+                         causal_offset=causal_offset, kv_len=kv_len, keys_first=True)
+      st = jnp.where(mask, st, c.MASK_VALUE)
+    pt = jnp.exp2(st - lse[None, :])
     if masked:
-      p = jnp.where(mask, p, 0.0)
-    dv = dv + c.dot(p.astype(do.dtype), do, 0, 0)
-    dp = c.dot(do, v, 1, 1)
-    ds = p * (dp - delta[:, None])
-    dk = dk + c.dot(ds.astype(q.dtype), q, 0, 0)
+      pt = jnp.where(mask, pt, 0.0)
+    dv = dv + c.dot(pt.astype(do.dtype), do, 1, 0)
+    dpt = c.dot(v, do, 1, 1)  # [block_k, block_q]
+    dst = pt * (dpt - delta[None, :])
+    dk = dk + c.dot(dst.astype(q.dtype), q, 1, 0)
     return dk, dv
 
   lo, mid = c.q_block_ranges(k_start, block_k, block_q, num_q_blocks, causal=causal,
@@ -154,7 +158,7 @@ def flash_dkdv(q, k, v, dout, lse, delta, kv_lengths, *, scale: float, causal: b
 
 def _dq_kernel(*refs, scale: float, causal: bool, causal_offset: int,
                static_kv_len: int | None, has_kv_lengths: bool, block_q: int, block_k: int,
-               num_k_blocks: int):
+               num_k_blocks: int, num_q_tiles: int):
   if has_kv_lengths:
     kvlen_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_ref = refs
     kv_len = kvlen_ref[...]
@@ -162,7 +166,7 @@ def _dq_kernel(*refs, scale: float, causal: bool, causal_offset: int,
     q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_ref = refs
     kv_len = static_kv_len
 
-  q_start = pl.program_id(0) * block_q
+  q_start = c.query_tile(pl.program_id(0), num_q_tiles, causal) * block_q
   q = q_ref[...]
   qs = (q.astype(jnp.float32) * (scale * c.LOG2E)).astype(q.dtype)
   do = do_ref[...]
@@ -205,10 +209,11 @@ def flash_dq(q, k, v, dout, lse, delta, kv_lengths, *, scale: float, causal: boo
   kernel = functools.partial(
       _dq_kernel, scale=scale, causal=causal, causal_offset=causal_offset,
       static_kv_len=static_kv_len, has_kv_lengths=kv_lengths is not None, block_q=bq,
-      block_k=bk, num_k_blocks=sp // bk)
-  row_spec = pl.BlockSpec((None, bq, None, dp), lambda i, bi, hi: (bi, i, hi, 0))
+      block_k=bk, num_k_blocks=sp // bk, num_q_tiles=tp // bq)
+  qt = functools.partial(c.query_tile, num_q_tiles=tp // bq, heavy_first=causal)
+  row_spec = pl.BlockSpec((None, bq, None, dp), lambda i, bi, hi: (bi, qt(i), hi, 0))
   kv_spec = pl.BlockSpec((None, sp, None, dp), lambda i, bi, hi: (bi, 0, hi // groups, 0))
-  stat_spec = pl.BlockSpec((None, None, bq), lambda i, bi, hi: (bi, hi, i))
+  stat_spec = pl.BlockSpec((None, None, bq), lambda i, bi, hi: (bi, hi, qt(i)))
   in_specs = [row_spec, kv_spec, kv_spec, row_spec, stat_spec, stat_spec]
   args = [q, k, v, dout, lse, delta]
   if kv_lengths is not None:

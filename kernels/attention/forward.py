@@ -22,7 +22,7 @@ from kernels.attention.block_sizes import BlockSizes
 
 def _forward_kernel(*refs, scale: float, causal: bool, causal_offset: int,
                     static_kv_len: int | None, has_kv_lengths: bool, block_q: int,
-                    block_k: int, num_k_blocks: int):
+                    block_k: int, num_k_blocks: int, num_q_tiles: int):
   if has_kv_lengths:
     kvlen_ref, q_ref, k_ref, v_ref, o_ref, lse_ref = refs
     kv_len = kvlen_ref[...]  # int32 scalar: valid keys of this example.
@@ -30,7 +30,7 @@ def _forward_kernel(*refs, scale: float, causal: bool, causal_offset: int,
     q_ref, k_ref, v_ref, o_ref, lse_ref = refs
     kv_len = static_kv_len  # None (no key padding) or the true S before padding.
 
-  q_start = pl.program_id(0) * block_q
+  q_start = c.query_tile(pl.program_id(0), num_q_tiles, causal) * block_q
   q = q_ref[...]
   # Fold scale * log2(e) into q once: logits come out of the dot in base-2 units.
   q = (q.astype(jnp.float32) * (scale * c.LOG2E)).astype(q.dtype)
@@ -94,9 +94,11 @@ def flash_forward(q: jax.Array, k: jax.Array, v: jax.Array, kv_lengths: jax.Arra
   kernel = functools.partial(
       _forward_kernel, scale=scale, causal=causal, causal_offset=causal_offset,
       static_kv_len=static_kv_len, has_kv_lengths=kv_lengths is not None, block_q=bq,
-      block_k=bk, num_k_blocks=sp // bk)
+      block_k=bk, num_k_blocks=sp // bk, num_q_tiles=tp // bq)
+  nq = tp // bq
+  qt = functools.partial(c.query_tile, num_q_tiles=nq, heavy_first=causal)
   in_specs = [
-      pl.BlockSpec((None, bq, None, dp), lambda i, bi, hi: (bi, i, hi, 0)),
+      pl.BlockSpec((None, bq, None, dp), lambda i, bi, hi: (bi, qt(i), hi, 0)),
       pl.BlockSpec((None, sp, None, dp), lambda i, bi, hi: (bi, 0, hi // groups, 0)),
       pl.BlockSpec((None, sp, None, dp), lambda i, bi, hi: (bi, 0, hi // groups, 0)),
   ]
@@ -106,11 +108,11 @@ def flash_forward(q: jax.Array, k: jax.Array, v: jax.Array, kv_lengths: jax.Arra
     args.insert(0, kv_lengths)
   out, lse = pl.pallas_call(
       kernel,
-      grid=(tp // bq, b, h),
+      grid=(nq, b, h),
       in_specs=in_specs,
       out_specs=[
-          pl.BlockSpec((None, bq, None, dp), lambda i, bi, hi: (bi, i, hi, 0)),
-          pl.BlockSpec((None, None, bq), lambda i, bi, hi: (bi, hi, i)),
+          pl.BlockSpec((None, bq, None, dp), lambda i, bi, hi: (bi, qt(i), hi, 0)),
+          pl.BlockSpec((None, None, bq), lambda i, bi, hi: (bi, hi, qt(i))),
       ],
       out_shape=[jax.ShapeDtypeStruct(q.shape, q.dtype),
                  jax.ShapeDtypeStruct((b, h, tp), jnp.float32)],

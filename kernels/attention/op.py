@@ -98,13 +98,13 @@ def _pad_to(x: jax.Array, length: int, dim_size: int) -> jax.Array:
   return jnp.pad(x, pads)
 
 
-def _plan(cfg: _PallasConfig, q_shape, k_shape):
+def _plan(cfg: _PallasConfig, q_shape, k_shape, dtype):
   _, t, _, d = q_shape
   s = k_shape[1]
   dp = _padded_head_dim(d)
   bs = cfg.block_sizes
   if bs is None:
-    bs = default_block_sizes("cpu" if cfg.interpret else "gpu", dp, cfg.causal)
+    bs = default_block_sizes("cpu" if cfg.interpret else "gpu", dp, cfg.causal, dtype)
   bs = bs.fit(t, s)
   tp, sp = _round_up(t, bs.q_multiple), _round_up(s, bs.kv_multiple)
   return bs, tp, sp, dp
@@ -125,7 +125,7 @@ def _make_pallas_attention(cfg: _PallasConfig, t: int, s: int, d: int):
     return fwd(q, k, v, kv_lengths)[0]
 
   def fwd(q, k, v, kv_lengths):
-    bs, tp, sp, dp = _plan(cfg, q.shape, k.shape)
+    bs, tp, sp, dp = _plan(cfg, q.shape, k.shape, q.dtype)
     qp, kp, vp = _pad_to(q, tp, dp), _pad_to(k, sp, dp), _pad_to(v, sp, dp)
     kw = _static_kwargs(cfg, t, s, sp, kv_lengths is not None, bs)
     out_p, lse = fwd_kernels.flash_forward(qp, kp, vp, kv_lengths, **kw)
@@ -134,7 +134,7 @@ def _make_pallas_attention(cfg: _PallasConfig, t: int, s: int, d: int):
   def bwd(res, dout):
     qp, kp, vp, kv_lengths, out_p, lse = res
     bs, tp, sp, dp = _plan(cfg, (qp.shape[0], t, qp.shape[2], d),
-                           (kp.shape[0], s, kp.shape[2], d))
+                           (kp.shape[0], s, kp.shape[2], d), qp.dtype)
     kw = _static_kwargs(cfg, t, s, sp, kv_lengths is not None, bs)
     dout_p = _pad_to(dout.astype(out_p.dtype), tp, dp)
     # Padded query rows have dout == 0, hence delta == 0 and dS == 0: they add nothing.

@@ -191,3 +191,41 @@ def test_kernels_lower_to_triton_for_cuda(dtype, d, causal, kvl, hkv):
   for name in ("flash_attention_forward", "flash_attention_delta", "flash_attention_dkdv",
                "flash_attention_dq"):
     assert f'name = "{name}"' in text, name
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_float32_dots_ask_for_full_precision(dtype):
+  """fp32 inputs: every in-kernel dot is HIGHEST, which Pallas' Triton lowering turns into
+  `inputPrecision = ieee` (DEFAULT would be TF32, ~6e-4 relative error on the H200);
+  bf16/fp16 dots keep the default (plain bf16/fp16 MMA)."""
+  q = jnp.zeros((1, 40, 2, 16), dtype)
+  attn = functools.partial(pallas_attention, causal=True, interpret=True)
+  text = str(jax.make_jaxpr(lambda q, k, v: jax.vjp(attn, q, k, v)[1](q))(q, q, q))
+  n_dots = text.count("dot_general[")
+  n_highest = text.count("precision=(Precision.HIGHEST, Precision.HIGHEST)")
+  assert n_dots >= 7  # 2 forward + 4 dK/dV + 3 dQ, at least once each
+  assert n_highest == (n_dots if dtype == jnp.float32 else 0), (n_dots, n_highest)
+
+
+def test_gpu_defaults_are_chosen_by_head_dim_and_causal():
+  from kernels.attention import default_block_sizes
+  assert default_block_sizes("gpu", 128, True).block_k == 128
+  assert default_block_sizes("gpu", 128, False).block_k == 64
+  assert default_block_sizes("gpu", 40, False) == default_block_sizes("gpu", 64, False)
+  assert default_block_sizes("gpu", 64, True).block_q_dkv == 64
+  assert default_block_sizes("cpu", 128, True) == default_block_sizes("cpu", 16, False)
+  with pytest.raises(ValueError, match="head_dim=512"):
+    default_block_sizes("gpu", 512)
+
+
+def test_float32_gpu_defaults_fit_shared_memory():
+  from kernels.attention import default_block_sizes
+  for d in (64, 128, 256):
+    for causal in (False, True):
+      bs = default_block_sizes("gpu", d, causal, jnp.float32)
+      # pipelined streamed key/value (or q/dO) tiles: stages x 2 tiles x rows x D x 4 bytes
+      for rows, stages in ((bs.block_k, bs.num_stages), (bs.block_q_dkv, bs.num_stages_dkv),
+                           (bs.block_k_dq, bs.num_stages_dq)):
+        assert stages * 2 * rows * d * 4 <= 128 * 1024, (d, causal, bs)
+  assert default_block_sizes("gpu", 128, True, jnp.bfloat16) == default_block_sizes(
+      "gpu", 128, True)
