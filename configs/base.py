@@ -85,6 +85,18 @@ def get_config(arg=None):
   c.eval = e = ml_collections.ConfigDict()
   e.num_reference = 10000         # fresh data samples the sample metrics compare against
   e.num_projections = 256         # sliced Wasserstein: random projections
+  e.likelihood = lk = ml_collections.ConfigDict()  # --mode=evaluate: test NLL via the probability-flow ODE
+  lk.enabled = True               # compute the test likelihood in --mode=evaluate
+  lk.num_examples = 2000          # toy: fresh test samples; images: first N of the test split (0 = all)
+  lk.batch_size = 500             # examples per ODE solve (the batch shares the adaptive step size)
+  lk.estimator = "auto"           # auto (exact trace for D <= 32, else hutchinson) | exact | hutchinson
+  lk.num_probes = 1               # hutchinson: probes per example, averaged
+  lk.probe = "rademacher"         # hutchinson: rademacher | gaussian
+  lk.rtol = 1e-5                  # ODE solver relative tolerance
+  lk.atol = 1e-5                  # ODE solver absolute tolerance
+  lk.t_min = 1e-5                 # start of the ODE solve (data side)
+  lk.solver = "dopri5"            # dopri5 | tsit5 (dopri5 took fewer steps in our benchmark)
+  lk.split = "test"               # images: the TFDS split evaluated
 
   # --- guidance (conditional models; research/diffusion/guidance.py) ----------------------------
   c.guidance = g = ml_collections.ConfigDict()

@@ -169,3 +169,6 @@ def validate(config, mode: str = "train") -> None:
       _fail("guidance.classifier_base", g.classifier_base,
             "'conditional' when diffusion.p_uncond=0 (the null label of a conditional model "
             "is only trained by label dropout)")
+  if mode == "evaluate":
+    from experiments import evaluate
+    evaluate.likelihood_settings(config)
