@@ -23,7 +23,6 @@ from __future__ import annotations
 from typing import Callable, Tuple
 
 import jax
-import jax.numpy as jnp
 
 from research.diffusion.sde import bcast
 

@@ -20,7 +20,14 @@ without recompiling, pass a `jax.tree_util.Partial(fn, params, ...)`, whose leav
 traced (analytic.GaussianMixture.score_fn does this).
 
 Families (modules): ddim (ddpm, ddim), sde_solvers (euler_maruyama, pc), ode_solvers
-(ode_euler, heun), dpm_solver (dpm_solver++), adaptive (ode_adaptive).
+(ode_euler, heun), dpm_solver (dpm_solver++), adaptive (ode_adaptive). All of them work
+with VP, sub-VP and VE: every update is written through the SDE's alpha(t), sigma(t),
+f(t), g(t) and its log-SNR / EDM-sigma inverses, which each SDE provides; anything that is
+not one of these SDE objects is refused with a ValueError.
+
+Fixed-step samplers take `grid` ("uniform", "quadratic", "logsnr", "edm"; see
+base.time_grid) and `rho` (EDM grid). `compile_sampler` compiles ahead of time and returns
+the compile time, for benchmarks.
 """
 from __future__ import annotations
 

@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 
 from research.diffusion import parameterization as param
-from research.diffusion.sde import bcast, is_sde
+from research.diffusion.sde import is_sde
 from research.registry import Registry
 
 Array = jax.Array
@@ -124,10 +124,6 @@ def finish(score_fn, sde, x: Array, nfe: Array, denoise_final: bool):
     return x, nfe
   t = full_t(sde.eps, x.shape[0])
   return denoise(score_fn, sde, x, t), nfe + 1
-
-
-def b(a: Array, x: Array) -> Array:
-  return bcast(a, x)
 
 
 def register(name: str, *, defaults: Dict[str, Any], choices: Dict[str, Tuple[Any, ...]] = None,
