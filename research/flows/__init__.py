@@ -1,0 +1,10 @@
+"""Normalizing flows: coupling flows (NICE, RealNVP, Glow) and flow matching.
+
+  bijectors.py      masks, conditioners, additive/affine coupling, Scaling, ActNorm,
+                    invertible 1x1 convolution (LU), squeeze
+  models.py         FlowStep / FlowStack (nn.scan), VectorFlow, MultiScaleFlow, make_flow
+  objective.py      FlowObjective: maximum likelihood, sampling with temperature, bits/dim
+  flow_matching.py  FlowMatchingObjective on the straight path, through the shared samplers
+                    and likelihood code
+Every bijector and flow: forward(x) -> (y, logdet [B]); inverse(y) -> (x, logdet [B]).
+"""
