@@ -80,6 +80,7 @@ def get_config(arg=None):
   s.options = ""                  # sampler-specific options "k=v,k=v" (e.g. "eta=0.5,grid=quadratic")
   s.use_ema = True                # sample with the EMA parameters
   s.tag = ""                      # file tag for samples/<tag>.npz ("" = "<sampler>_<steps>")
+  s.extra = ()                    # --mode=train: more "sampler:steps" runs after the main one, e.g. ("ddim:50", "dpm_solver++:20")
 
   # --- evaluation -------------------------------------------------------------------------------
   c.eval = e = ml_collections.ConfigDict()
@@ -115,6 +116,9 @@ def get_config(arg=None):
   f.num_layers = 8                # coupling layers (per scale for image flows)
   f.hidden = 128                  # conditioner width / channels
   f.num_scales = 2                # image flows: multi-scale levels
+  f.depth = 2                     # hidden layers of each MLP conditioner (toy flows)
+  f.scale_bound = 2.0             # affine couplings: log-scale = scale_bound * tanh(raw / scale_bound)
+  f.remat = False                 # rematerialise each coupling in the backward pass (less memory, ~30% slower)
 
   # --- sweep (mode = sweep) ---------------------------------------------------------------------
   c.sweep = sw = ml_collections.ConfigDict()

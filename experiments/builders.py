@@ -101,6 +101,6 @@ def build_objective(config, spec: DataSpec):
     return flow_objective.from_config(config, spec)
   if config.objective == "flow_matching":
     from research.flows import flow_matching
-    return flow_matching.from_config(config, spec)
+    return flow_matching.from_config(config, spec, model=build_model(config, spec))
   raise validate_lib.ConfigError(
       f"config.objective={config.objective!r} is not allowed: one of {validate_lib.OBJECTIVES}.")

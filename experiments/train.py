@@ -84,8 +84,9 @@ def train(config, workdir: str) -> TrainState:
   start = int(state.step)
   total = config.train.steps
   n_params = sum(int(np.prod(p.shape)) for p in jax.tree.leaves(state.params))
-  logging.info("Model %s: %s parameters; training steps %d -> %d", config.model.name,
-               f"{n_params:,}", start, total)
+  model_name = (f"{config.flow.kind} flow" if config.objective == "flow" else config.model.name)
+  logging.info("Model %s (%s): %s parameters; training steps %d -> %d", model_name,
+               config.objective, f"{n_params:,}", start, total)
   if start == 0:
     writer.write(0, "info", {"num_params": n_params})
   if start >= total:

@@ -5,7 +5,7 @@ Each error names the field (as it is written on the command line) and what is al
 from __future__ import annotations
 
 import ast
-from typing import Any, Dict
+from typing import Any, Dict, Tuple
 
 TOY_DATA = ("ring", "grid", "checkerboard", "moons", "swissroll")
 OBJECTIVES = ("diffusion", "flow", "flow_matching")
@@ -71,6 +71,21 @@ def parse_options(text: str, field: str = "sample.options") -> Dict[str, Any]:
   return out
 
 
+def parse_extra(extra, allowed_samplers) -> Tuple[Tuple[str, int], ...]:
+  """("ddim:50", "dpm_solver++:20") -> (("ddim", 50), ("dpm_solver++", 20))."""
+  allowed = ("a tuple of 'sampler:steps' strings, sampler one of "
+             + ", ".join(repr(a) for a in allowed_samplers))
+  if isinstance(extra, str) or not isinstance(extra, (tuple, list)):
+    _fail("sample.extra", extra, allowed)
+  out = []
+  for item in extra:
+    name, _, steps = str(item).partition(":")
+    if name not in allowed_samplers or not steps.isdigit() or int(steps) < 1:
+      _fail("sample.extra", extra, allowed + f" and steps an integer >= 1 (bad item {item!r})")
+    out.append((name, int(steps)))
+  return tuple(out)
+
+
 def validate(config, mode: str = "train") -> None:
   """Raises ConfigError naming the first bad field; returns None when the config is usable."""
   if mode not in MODES:
@@ -112,6 +127,15 @@ def validate(config, mode: str = "train") -> None:
   if config.diffusion.p_uncond > 0 and not config.data.conditional:
     _fail("diffusion.p_uncond", config.diffusion.p_uncond,
           "0 unless data.conditional=True (label dropout needs labels)")
+  if config.objective == "flow":
+    _choice(config, "flow.kind", ("nice", "realnvp", "glow"))
+    _positive_int(config, "flow.num_layers")
+    _positive_int(config, "flow.hidden")
+    _positive_int(config, "flow.num_scales")
+    _positive_int(config, "flow.depth")
+    _positive_float(config, "flow.scale_bound")
+    if not isinstance(config.flow.remat, bool):
+      _fail("flow.remat", config.flow.remat, "True or False")
   # optimisation
   _positive_float(config, "optim.learning_rate")
   _choice(config, "optim.schedule", ("cosine", "constant"))
@@ -133,6 +157,7 @@ def validate(config, mode: str = "train") -> None:
   _positive_int(config, "sample.num_samples")
   _positive_int(config, "sample.batch_size")
   parse_options(config.sample.options)
+  parse_extra(config.sample.extra, tuple(samplers.available()))
   _choice(config, "guidance.kind", ("none", "cfg", "classifier"))
   if config.guidance.kind == "cfg" and not config.data.conditional:
     _fail("guidance.kind", config.guidance.kind,

@@ -41,6 +41,16 @@ def test_bad_values_name_the_field(key, value, pattern):
     validate.validate(_cfg(**{key: value}))
 
 
+@pytest.mark.parametrize("key,value,pattern", [
+    ("flow.kind", "maf", r"config\.flow\.kind='maf'.*'nice', 'realnvp', 'glow'"),
+    ("flow.num_layers", 0, r"config\.flow\.num_layers=0.*integer >= 1"),
+    ("flow.scale_bound", -1.0, r"config\.flow\.scale_bound=-1\.0.*> 0"),
+])
+def test_bad_flow_values_name_the_field(key, value, pattern):
+  with pytest.raises(validate.ConfigError, match=pattern):
+    validate.validate(_cfg(objective="flow", **{key: value}))
+
+
 def test_bad_mode():
   with pytest.raises(validate.ConfigError, match="--mode='fit'"):
     validate.validate(_cfg(), mode="fit")
