@@ -86,6 +86,7 @@ def get_config(arg=None):
   c.eval = e = ml_collections.ConfigDict()
   e.num_reference = 10000         # fresh data samples the sample metrics compare against
   e.num_projections = 256         # sliced Wasserstein: random projections
+  e.inception_weights = ""        # images: standard FID from pytorch-fid Inception weights as .npz (experiments/convert_inception_weights.py); "" = off
   e.likelihood = lk = ml_collections.ConfigDict()  # --mode=evaluate: test NLL via the probability-flow ODE
   lk.enabled = True               # compute the test likelihood in --mode=evaluate
   lk.num_examples = 2000          # toy: fresh test samples; images: first N of the test split (0 = all)

@@ -139,8 +139,8 @@ def guided_score_factory(config, objective, params, spec, classifier=None):
       raise ValueError("guidance.kind='cfg' needs a conditional model (data.conditional=True).")
     model_fn = guidance.flax_model_fn(objective.model, params)
     return lambda labels, scale: guidance.classifier_free_guidance(
-        model_fn, labels, scale, sde=objective.sde, prediction=objective.prediction,
-        null_label=null)
+        model_fn, labels, scale, sde=objective.sde, prediction=objective.sampling_prediction,
+        null_label=null, sigma_data=objective.sigma_data)
   if kind == "classifier":
     if classifier is None:
       raise ValueError("guidance.kind='classifier' needs the trained classifier (module, params).")
@@ -158,7 +158,8 @@ def guided_score_factory(config, objective, params, spec, classifier=None):
         # Built from the module (hashable) rather than the objective instance, so a rebuilt
         # objective reuses the compiled sampler.
         base_score = guidance.label_score_fn(model_fn, base_labels, sde=objective.sde,
-                                             prediction=objective.prediction)
+                                             prediction=objective.sampling_prediction,
+                                             sigma_data=objective.sigma_data)
       return guidance.classifier_guidance(base_score, logits_fn, labels, scale)
     return make
   raise ValueError(f"config.guidance.kind={kind!r}; guided sampling needs 'cfg' or 'classifier'.")

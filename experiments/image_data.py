@@ -114,6 +114,27 @@ def feature_net(config):
   return _FEATURES[key]
 
 
+def _inception_fid(config, samples) -> Dict[str, float]:
+  """Standard FID of samples vs as many train images ({} if eval.inception_weights is "")."""
+  path = os.path.expanduser(config.eval.get("inception_weights", "") or "")
+  if not path:
+    return {}
+  if not os.path.isfile(path):
+    raise ConfigError(f"config.eval.inception_weights={path!r} is not allowed: an existing .npz "
+                      "made by experiments/convert_inception_weights.py, or \"\" (off).")
+  from research.metrics import inception
+  try:
+    variables = inception.load_fid_inception_params(path)
+  except ValueError as e:
+    raise ConfigError(f"config.eval.inception_weights={path!r}: {e}") from e
+  tr_x, _, _ = load_split(config, "train")
+  n = min(len(samples), len(tr_x))
+  idx = np.sort(np.random.default_rng(0).choice(len(tr_x), n, replace=False))
+  value = inception.fid(np.asarray(samples, np.float32), pipeline.to_model_space(tr_x[idx]),
+                        variables)
+  return {"fid": value, "fid_num_samples": len(samples), "fid_num_reference": n}
+
+
 def image_metrics(config, spec: builders.DataSpec, samples: np.ndarray,
                   labels: Optional[np.ndarray] = None) -> Dict[str, float]:
   """fd_<dataset> of samples vs the train split, the train-vs-test reference, and (for
@@ -124,12 +145,13 @@ def image_metrics(config, spec: builders.DataSpec, samples: np.ndarray,
   with num_samples close to N_test (reported as fd_num_test) to compare like with like.
   """
   del spec
+  fid_out = _inception_fid(config, samples)
   name = dataset_key(config)
   _, _, info = load_split(config, "train")
   if info.num_classes == 0:
     logging.warning("fd_%s needs class labels to train its feature network; %s has none, so "
-                    "no image metrics are computed.", name, config.data.name)
-    return {}
+                    "no fd_%s is computed.", name, config.data.name, name)
+    return fid_out
   from research.metrics import fd as fd_lib
   ref = feature_net(config)
   net = ref["net"]
@@ -142,4 +164,5 @@ def image_metrics(config, spec: builders.DataSpec, samples: np.ndarray,
          "samples_out_of_range": float(np.mean(np.abs(samples) > 1.0))}
   if labels is not None:
     out["classifier_accuracy"] = float(np.mean(np.argmax(logits, -1) == np.asarray(labels)))
+  out.update(fid_out)
   return out

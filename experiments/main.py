@@ -41,7 +41,11 @@ def run(config, workdir: str, mode: str = "train", debug: bool = False):
     if config.guidance.kind != "none":
       from experiments import guided
       return guided.guided_sample_and_evaluate(config, workdir, state)
-    return sample.sample_and_evaluate(config, workdir, state)
+    metrics = sample.sample_and_evaluate(config, workdir, state)
+    if config.objective != "flow":
+      for name, steps in validate.parse_extra(config.sample.extra, _samplers()):
+        sample.sample_and_evaluate(sample.with_sampler(config, name, steps), workdir, state)
+    return metrics
   if mode == "sample":
     from experiments import sample
     return sample.sample_and_evaluate(config, workdir)
@@ -52,6 +56,11 @@ def run(config, workdir: str, mode: str = "train", debug: bool = False):
     from experiments import sweep
     return sweep.sweep(config, workdir)
   raise ValueError(f"--mode={mode!r}; allowed: train, sample, evaluate, sweep.")
+
+
+def _samplers():
+  from research.diffusion import samplers
+  return tuple(samplers.available())
 
 
 class _QuietLibraries:

@@ -23,6 +23,17 @@ def default_tag(config) -> str:
   return f"{config.sample.sampler}_{config.sample.steps}"
 
 
+def with_sampler(config, sampler: str, steps: int):
+  """A copy of `config` that samples with `sampler` at `steps` (default options and tag)."""
+  cell = config.copy_and_resolve_references()
+  with cell.unlocked():
+    cell.sample.sampler = sampler
+    cell.sample.steps = int(steps)
+    cell.sample.options = ""
+    cell.sample.tag = ""
+  return cell
+
+
 def draw_samples(config, objective, params, spec, rng, num: int, labels=None):
   """Draws `num` samples in chunks of sample.batch_size; returns (samples, info)."""
   options = validate_lib.parse_options(config.sample.options)
@@ -55,6 +66,9 @@ def sample_and_evaluate(config, workdir: str, state=None, tag: Optional[str] = N
     ckpt.close()
   params = state.ema_params if config.sample.use_ema else state.params
   tag = tag or default_tag(config)
+  if labels is None and config.data.conditional:
+    # A conditional model without guidance: every class in equal shares, in order.
+    labels = np.arange(config.sample.num_samples, dtype=np.int32) % spec.num_classes
   rng = jax.random.fold_in(jax.random.PRNGKey(config.seed), 3)
   t0 = time.perf_counter()
   samples, info = draw_samples(config, objective, params, spec, rng, config.sample.num_samples,

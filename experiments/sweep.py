@@ -22,11 +22,8 @@ def sweep(config, workdir: str) -> List[Dict]:
                        f"{samplers.available()}.")
   for name in config.sweep.samplers:
     for steps in config.sweep.steps:
-      cell = config.copy_and_resolve_references()
+      cell = sample_lib.with_sampler(config, name, steps)
       with cell.unlocked():
-        cell.sample.sampler = name
-        cell.sample.steps = int(steps)
-        cell.sample.options = ""
         cell.sample.tag = f"sweep_{name}_{steps}"
       m = sample_lib.sample_and_evaluate(cell, workdir)
       rows.append({"sampler": name, "steps": steps, **m})

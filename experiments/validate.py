@@ -5,6 +5,7 @@ Each error names the field (as it is written on the command line) and what is al
 from __future__ import annotations
 
 import ast
+import os
 from typing import Any, Dict, Tuple
 
 TOY_DATA = ("ring", "grid", "checkerboard", "moons", "swissroll")
@@ -167,6 +168,10 @@ def validate(config, mode: str = "train") -> None:
           "> 0 with guidance.kind='cfg' (the unconditional model is trained by label dropout)")
   _positive_int(config, "eval.num_reference")
   _positive_int(config, "eval.num_projections")
+  w = config.eval.get("inception_weights", "")
+  if not isinstance(w, str) or (w and not os.path.isfile(os.path.expanduser(w))):
+    _fail("eval.inception_weights", w,
+          '"" (off) or an existing .npz made by experiments/convert_inception_weights.py')
   # guidance (experiments/guided.py; research/diffusion/guidance.py)
   g = config.guidance
   if g.kind != "none":

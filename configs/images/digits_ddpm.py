@@ -1,11 +1,11 @@
 """The image main job: a small UNet diffusion model on scikit-learn's 8x8 digits, on a CPU.
 
   python -m experiments.main --config=configs/images/digits_ddpm.py --workdir=/tmp/digits
-  # then the fast samplers on the same checkpoint:
+
+trains, then samples with ddpm-1000 and (sample.extra) ddim-50 and dpm_solver++-20 on the same
+checkpoint; fd_digits of each is in WORKDIR/metrics.jsonl. One more sampler later:
   python -m experiments.main --config=configs/images/digits_ddpm.py --workdir=/tmp/digits \
-      --mode=sample --config.sample.sampler=ddim --config.sample.steps=50
-  python -m experiments.main --config=configs/images/digits_ddpm.py --workdir=/tmp/digits \
-      --mode=sample --config.sample.sampler=dpm_solver++ --config.sample.steps=20
+      --mode=sample --config.sample.sampler=heun --config.sample.steps=25
 
 The digits are prepared offline on first use (from scikit-learn) under data.data_dir, and
 fd_digits' feature classifier is trained once and cached there. 359 samples = the size of the
@@ -51,6 +51,7 @@ def get_config(arg=None):
   c.sample.steps = 1000
   c.sample.num_samples = 359            # = test split size (fair vs the train-vs-test fd)
   c.sample.batch_size = 359
+  c.sample.extra = ("ddim:50", "dpm_solver++:20")
   c.sweep.samplers = ("ddim", "dpm_solver++")
   c.sweep.steps = (20, 50)
   if arg.size != 8:
@@ -68,5 +69,6 @@ def get_config(arg=None):
     c.sample.steps = 5
     c.sample.num_samples = 16
     c.sample.batch_size = 16
+    c.sample.extra = ()
     c.train.progress = False
   return c

@@ -88,9 +88,20 @@ class DiffusionObjective:
                               train=False)
     return fn
 
+  @property
+  def sampling_prediction(self) -> str:
+    """What the raw network output means at sampling time ("edm" for the EDM loss, whose
+    network sees preconditioned inputs; otherwise `prediction`)."""
+    return losses_lib.sampling_prediction(self.loss_name, self.prediction)
+
+  @property
+  def sigma_data(self) -> float:
+    return float(dict(self.loss_options).get("sigma_data", 0.5))
+
   def _score(self, params, labels, x, t):
     return parameterization.score_fn_from_model(
-        self.model_fn(params, labels), self.sde, self.prediction)(x, t)
+        self.model_fn(params, labels), self.sde, self.sampling_prediction,
+        sigma_data=self.sigma_data)(x, t)
 
   def score_fn(self, params, labels: Optional[jnp.ndarray] = None):
     """score_fn(x, t) as a jax.tree_util.Partial: params and labels are traced leaves, so the

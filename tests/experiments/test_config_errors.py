@@ -35,6 +35,10 @@ def test_quickstart_configs_validate():
     ("optim.learning_rate", -1.0, r"config\.optim\.learning_rate=-1\.0.*> 0"),
     ("model.attention_impl", "flash", r"config\.model\.attention_impl='flash'.*'pallas'"),
     ("diffusion.p_uncond", 0.1, r"config\.diffusion\.p_uncond=0\.1.*data\.conditional"),
+    ("sample.extra", ("ddim:50", "magic:5"), r"config\.sample\.extra=.*'sampler:steps'.*'magic:5'"),
+    ("sample.extra", ("ddim:0",), r"config\.sample\.extra=.*steps an integer >= 1"),
+    ("eval.inception_weights", "/nonexistent/pt_inception.npz",
+     r"config\.eval\.inception_weights='/nonexistent/pt_inception\.npz'.*convert_inception_weights"),
 ])
 def test_bad_values_name_the_field(key, value, pattern):
   with pytest.raises(validate.ConfigError, match=pattern):

@@ -26,7 +26,7 @@ def _tiny(**over):
 
 def test_train_checkpoint_sample_metrics(tmp_path):
   workdir = str(tmp_path)
-  metrics = main_lib.run(_tiny(), workdir, "train")
+  metrics = main_lib.run(_tiny(**{"sample.extra": ("ddim:5",)}), workdir, "train")
   # Workdir contract.
   assert json.load(open(tmp_path / "config.json"))["data"]["name"] == "ring"
   assert (tmp_path / "checkpoints").is_dir()
@@ -39,7 +39,9 @@ def test_train_checkpoint_sample_metrics(tmp_path):
   for key in ("loss", "grad_norm", "learning_rate", "steps_per_sec"):
     assert all(np.isfinite(r[key]) for r in train_rows), key
   sample_rows = [r for r in rows if r["split"] == "sample"]
-  assert len(sample_rows) == 1
+  # The main sampler, then each sample.extra entry on the same checkpoint.
+  assert [r["tag"] for r in sample_rows] == ["ddpm_20", "ddim_5"]
+  assert sample_rows[1]["nfe"] < sample_rows[0]["nfe"]
   for key in ("logp_gap", "std_ratio", "mode_weight_error", "sliced_wasserstein", "nfe"):
     assert key in sample_rows[0]
   assert sample_rows[0]["nfe"] > 0
