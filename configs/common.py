@@ -26,3 +26,20 @@ def parse_arg(arg, **defaults) -> ml_collections.ConfigDict:
     else:
       out[key] = type(defaults[key])(val) if defaults[key] is not None else val
   return out
+
+
+def override(config: ml_collections.ConfigDict, **fields) -> ml_collections.ConfigDict:
+  """Sets dotted fields in place, as --config.a.b=v does: override(c, **{"train.steps": 5}).
+
+  Unknown fields raise KeyError naming them (no typos silently ignored). Returns `config`.
+  """
+  with config.unlocked():
+    for key, value in fields.items():
+      node = config
+      *path, last = key.split(".")
+      for part in path:
+        node = node[part]
+      if last not in node:
+        raise KeyError(f"config has no field {key!r}.")
+      node[last] = value
+  return config

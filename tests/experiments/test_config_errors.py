@@ -5,19 +5,12 @@ import sys
 import pytest
 
 from configs import quickstart
+from configs.common import override
 from experiments import validate
 
 
 def _cfg(**overrides):
-  c = quickstart.get_config("tiny")
-  for key, value in overrides.items():
-    node = c
-    *path, last = key.split(".")
-    for p in path:
-      node = node[p]
-    with c.unlocked():
-      node[last] = value
-  return c
+  return override(quickstart.get_config("tiny"), **overrides)
 
 
 def test_quickstart_configs_validate():

@@ -7,21 +7,14 @@ import numpy as np
 import pytest
 
 from configs import quickstart
+from configs.common import override
 from experiments import main as main_lib
 from experiments import train as train_lib
 from experiments import workdir as wd
 
 
 def _tiny(**over):
-  c = quickstart.get_config("tiny")
-  with c.unlocked():
-    for k, v in over.items():
-      node = c
-      *path, last = k.split(".")
-      for p in path:
-        node = node[p]
-      node[last] = v
-  return c
+  return override(quickstart.get_config("tiny"), **over)
 
 
 def test_train_checkpoint_sample_metrics(tmp_path):

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from configs import quickstart
+from configs.common import override
 from experiments import evaluate as evaluate_lib
 from experiments import main as main_lib
 from experiments import train as train_lib
@@ -18,15 +19,9 @@ RING_ENTROPY = math.log(8) + math.log(2 * math.pi * math.e * 0.1**2)
 
 
 def _tiny(likelihood=None, **over):
-  c = quickstart.get_config("tiny")
-  with c.unlocked():
-    for k, v in over.items():
-      node = c
-      *path, last = k.split(".")
-      for p in path:
-        node = node[p]
-      node[last] = v
-    if likelihood is not None:
+  c = override(quickstart.get_config("tiny"), **over)
+  if likelihood is not None:
+    with c.unlocked():
       c.eval.likelihood = ml_collections.ConfigDict(likelihood)
   return c
 

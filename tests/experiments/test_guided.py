@@ -7,6 +7,7 @@ import jax
 import numpy as np
 import pytest
 
+from configs.common import override
 from configs.toy import ring_guided
 from experiments import guided
 from experiments import validate
@@ -14,15 +15,7 @@ from experiments import workdir as wd
 
 
 def _config(arg="tiny", **over):
-  c = ring_guided.get_config(arg)
-  with c.unlocked():
-    for k, v in over.items():
-      node = c
-      *path, last = k.split(".")
-      for p in path:
-        node = node[p]
-      node[last] = v
-  return c
+  return override(ring_guided.get_config(arg), **over)
 
 
 def test_cfg_then_classifier_guidance_tiny(tmp_path):

@@ -5,6 +5,7 @@ import os
 import numpy as np
 import pytest
 
+from configs.common import override
 from configs.images import digits_ddpm, shapes_ddpm
 from experiments import builders
 from experiments import image_data
@@ -19,16 +20,7 @@ def data_dir(tmp_path_factory):
 
 
 def _config(module, data_dir, arg="tiny", **over):
-  c = module.get_config(arg)
-  with c.unlocked():
-    c.data.data_dir = data_dir
-    for k, v in over.items():
-      node = c
-      *path, last = k.split(".")
-      for p in path:
-        node = node[p]
-      node[last] = v
-  return c
+  return override(module.get_config(arg), **{"data.data_dir": data_dir, **over})
 
 
 def test_digits_train_sample_metrics(data_dir, tmp_path):

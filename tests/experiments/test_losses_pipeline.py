@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from configs import quickstart
+from configs.common import override
 from experiments import main as main_lib
 from experiments import workdir as wd
 
@@ -24,27 +25,13 @@ CASES = [
 
 
 def _config(loss, prediction, weighting, steps):
-  c = quickstart.get_config("tiny")
-  with c.unlocked():
-    c.data.std = 0.3
-    c.data.batch_size = 256
-    c.model.hidden = 64
-    c.model.depth = 2
-    c.optim.learning_rate = 3e-3
-    c.optim.warmup_steps = 20
-    c.optim.ema_decay = 0.99
-    c.train.steps = steps
-    c.train.log_every = 25
-    c.train.ckpt_every = 1000
-    c.diffusion.loss = loss
-    c.diffusion.prediction = prediction
-    c.diffusion.weighting = weighting
-    c.sample.sampler = "dpm_solver++"
-    c.sample.steps = 20
-    c.sample.num_samples = 1000
-    c.sample.batch_size = 1000
-    c.eval.num_reference = 1000
-  return c
+  return override(quickstart.get_config("tiny"), **{
+      "data.std": 0.3, "data.batch_size": 256, "model.hidden": 64, "model.depth": 2,
+      "optim.learning_rate": 3e-3, "optim.warmup_steps": 20, "optim.ema_decay": 0.99,
+      "train.steps": steps, "train.log_every": 25, "train.ckpt_every": 1000,
+      "diffusion.loss": loss, "diffusion.prediction": prediction,
+      "diffusion.weighting": weighting, "sample.sampler": "dpm_solver++", "sample.steps": 20,
+      "sample.num_samples": 1000, "sample.batch_size": 1000, "eval.num_reference": 1000})
 
 
 @pytest.mark.parametrize("loss,prediction,weighting", CASES)
