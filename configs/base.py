@@ -44,6 +44,7 @@ def get_config(arg=None):
   df.sde = "vp"                   # vp | subvp | ve
   df.beta_min = 0.1               # vp/subvp: beta(t) at t=0
   df.beta_max = 20.0              # vp/subvp: beta(t) at t=1
+  df.schedule = "linear"          # vp/subvp noise schedule: linear (beta_min..beta_max) | cosine | scaled_linear
   df.sigma_min = 0.01             # ve: smallest noise level
   df.sigma_max = 50.0             # ve: largest noise level
   df.loss = "ddpm"                # ddpm | dsm | v | edm

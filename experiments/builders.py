@@ -83,7 +83,9 @@ def build_sde(config):
   from research.diffusion import sde as sde_lib
   df = config.diffusion
   if df.sde in ("vp", "subvp"):
-    return sde_lib.get_sde(df.sde, beta_min=df.beta_min, beta_max=df.beta_max)
+    schedule = None if df.get("schedule", "linear") == "linear" else df.schedule
+    return sde_lib.get_sde(df.sde, beta_min=df.beta_min, beta_max=df.beta_max,
+                           schedule=schedule)
   return sde_lib.get_sde(df.sde, sigma_min=df.sigma_min, sigma_max=df.sigma_max)
 
 

@@ -246,20 +246,9 @@ def evaluate(config, workdir: str) -> Dict[str, Any]:
   Returns the sample metrics updated with the eval metrics.
   """
   settings = likelihood_settings(config)  # fails before anything is built or compiled
-  try:
-    spec = builders.build_data_spec(config)
-  except ModuleNotFoundError as e:
-    if e.name == "experiments.image_data":
-      raise RuntimeError(
-          f"--mode=evaluate on image data ({config.data.name!r}) needs experiments/image_data.py "
-          "(the image pipeline glue), which this checkout does not have yet.") from e
-    raise
+  spec = builders.build_data_spec(config)
   objective = builders.build_objective(config, spec)
-  from experiments import train as train_lib
-  state, ckpt = train_lib.restore_or_create(config, workdir, objective, spec)
-  if ckpt.latest_step() is None:
-    logging.warning("No checkpoint in %s: evaluating the freshly initialised model.", workdir)
-  ckpt.close()
+  state = sample_lib.restore_trained(config, workdir, objective, spec)
   metrics = dict(sample_lib.sample_and_evaluate(config, workdir, state))
   if not settings["enabled"]:
     return metrics

@@ -23,6 +23,21 @@ def default_tag(config) -> str:
   return f"{config.sample.sampler}_{config.sample.steps}"
 
 
+def restore_trained(config, workdir: str, objective, spec):
+  """The latest checkpoint's state; a clear error (not an untrained model) when there is none."""
+  ckpt = wd.Checkpointer(workdir, keep=config.train.keep_ckpts)
+  latest, directory = ckpt.latest_step(), ckpt.directory
+  ckpt.close()
+  if latest is None:
+    raise FileNotFoundError(
+        f"No checkpoint in {directory}: run --mode=train with this --workdir first "
+        "(sample, evaluate and sweep read the latest checkpoint).")
+  from experiments import train as train_lib
+  state, ckpt = train_lib.restore_or_create(config, workdir, objective, spec)
+  ckpt.close()
+  return state
+
+
 def with_sampler(config, sampler: str, steps: int):
   """A copy of `config` that samples with `sampler` at `steps` (default options and tag)."""
   cell = config.copy_and_resolve_references()
@@ -45,7 +60,8 @@ def draw_samples(config, objective, params, spec, rng, num: int, labels=None):
     n = min(chunk, num - start)
     lab = None if labels is None else labels[start:start + n]
     if config.objective == "flow":
-      x, info = objective.sample(params, jax.random.fold_in(rng, i), n, labels=lab)
+      x, info = objective.sample(params, jax.random.fold_in(rng, i), n, labels=lab,
+                                 temperature=float(options.get("temperature", 1.0)))
     else:
       x, info = objective.sample(params, jax.random.fold_in(rng, i), n, spec.dims, labels=lab,
                                  sampler=config.sample.sampler, steps=config.sample.steps,
@@ -61,9 +77,7 @@ def sample_and_evaluate(config, workdir: str, state=None, tag: Optional[str] = N
   spec = builders.build_data_spec(config)
   objective = builders.build_objective(config, spec)
   if state is None:
-    from experiments import train as train_lib
-    state, ckpt = train_lib.restore_or_create(config, workdir, objective, spec)
-    ckpt.close()
+    state = restore_trained(config, workdir, objective, spec)
   params = state.ema_params if config.sample.use_ema else state.params
   tag = tag or default_tag(config)
   if labels is None and config.data.conditional:

@@ -49,7 +49,12 @@ def _fmt(v):
 
 def _plot(rows, path):
   from experiments.plotting import _plt
-  key = "logp_gap" if any("logp_gap" in r for r in rows) else "sliced_wasserstein"
+  # The headline metric of the data: log-density gap (toy data with a density), else the
+  # sliced Wasserstein distance (toy), else fd_<dataset> (images).
+  keys = {k for r in rows for k in r}
+  fd_keys = sorted(k for k in keys if k.startswith("fd_") and not k.endswith("_train_vs_test")
+                   and k not in ("fd_num_samples", "fd_num_test"))
+  key = next((k for k in ("logp_gap", "sliced_wasserstein", *fd_keys) if k in keys), "nfe")
   plt = _plt()
   fig, ax = plt.subplots(figsize=(5, 3.5), dpi=110)
   for name in sorted({r["sampler"] for r in rows}):

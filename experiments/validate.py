@@ -87,6 +87,33 @@ def parse_extra(extra, allowed_samplers) -> Tuple[Tuple[str, int], ...]:
   return tuple(out)
 
 
+def _check_sampler_options(config, options: Dict[str, Any], extra) -> None:
+  """sample.options against the sampler's own option list, before anything is trained."""
+  if config.objective == "flow":
+    unknown = sorted(set(options) - {"temperature"})
+    t = options.get("temperature", 1.0)
+    if unknown or isinstance(t, bool) or not isinstance(t, (int, float)) or not t > 0:
+      _fail("sample.options", config.sample.options,
+            "'' or 'temperature=T' with T > 0 for objective='flow'")
+    return
+  from research.diffusion import samplers
+  if config.objective == "flow_matching":
+    from research.flows.flow_matching import StraightPath
+    sde = StraightPath()
+  else:
+    from experiments import builders
+    sde = builders.build_sde(config)
+  try:
+    opts = {**options, "denoise": options.get("denoise", config.sample.denoise)}
+    samplers.get(config.sample.sampler).resolve(opts, sde, config.sample.steps)
+    for name, steps in extra:  # extra runs use the sampler's default options
+      samplers.get(name).resolve({"denoise": config.sample.denoise}, sde, steps)
+  except ValueError as e:
+    raise ConfigError(f"config.sample.options={config.sample.options!r} / "
+                      f"config.sample.extra={tuple(config.sample.extra)!r} is not allowed "
+                      f"with config.sample.sampler={config.sample.sampler!r}: {e}") from None
+
+
 def validate(config, mode: str = "train") -> None:
   """Raises ConfigError naming the first bad field; returns None when the config is usable."""
   if mode not in MODES:
@@ -113,9 +140,28 @@ def validate(config, mode: str = "train") -> None:
   _choice(config, "model.time_embedding", ("sinusoidal", "fourier"))
   _unit_interval(config, "model.dropout")
   _choice(config, "model.attention_impl", ATTENTION)
+  if config.model.name == "unet":
+    _positive_int(config, "model.ch")
+    _positive_int(config, "model.num_res_blocks")
+    _positive_int(config, "model.num_heads")
+    mult = config.model.ch_mult
+    if (not isinstance(mult, (tuple, list)) or not mult
+        or any(isinstance(m, bool) or not isinstance(m, int) or m < 1 for m in mult)):
+      _fail("model.ch_mult", mult, "a non-empty tuple of integers >= 1")
+    res = config.model.attn_resolutions
+    if (not isinstance(res, (tuple, list))
+        or any(isinstance(r, bool) or not isinstance(r, int) or r < 1 for r in res)):
+      _fail("model.attn_resolutions", res, "a tuple of resolutions in pixels (integers >= 1)")
+    if res:
+      bad = [config.model.ch * m for m in mult if (config.model.ch * m) % config.model.num_heads]
+      if bad:
+        _fail("model.num_heads", config.model.num_heads,
+              f"a divisor of every attention width (model.ch * model.ch_mult = "
+              f"{[config.model.ch * m for m in mult]}; {bad} do not divide)")
   # objective
   _choice(config, "objective", OBJECTIVES)
   _choice(config, "diffusion.sde", SDES)
+  _choice(config, "diffusion.schedule", ("linear", "cosine", "scaled_linear"))
   _choice(config, "diffusion.loss", LOSSES)
   _choice(config, "diffusion.prediction", PREDICTIONS)
   _choice(config, "diffusion.weighting", ("uniform", "likelihood"))
@@ -125,6 +171,16 @@ def validate(config, mode: str = "train") -> None:
   if config.diffusion.beta_max <= config.diffusion.beta_min:
     _fail("diffusion.beta_max", config.diffusion.beta_max,
           f"a number > diffusion.beta_min={config.diffusion.beta_min}")
+  if config.diffusion.sde == "ve":
+    _positive_float(config, "diffusion.sigma_min")
+    _positive_float(config, "diffusion.sigma_max")
+    if config.diffusion.sigma_max <= config.diffusion.sigma_min:
+      _fail("diffusion.sigma_max", config.diffusion.sigma_max,
+            f"a number > diffusion.sigma_min={config.diffusion.sigma_min}")
+  if config.diffusion.loss == "edm" and config.diffusion.prediction != "eps":
+    _fail("diffusion.prediction", config.diffusion.prediction,
+          "'eps' (the default) with diffusion.loss='edm', which trains its own preconditioned "
+          "parameterisation")
   if config.diffusion.p_uncond > 0 and not config.data.conditional:
     _fail("diffusion.p_uncond", config.diffusion.p_uncond,
           "0 unless data.conditional=True (label dropout needs labels)")
@@ -157,8 +213,9 @@ def validate(config, mode: str = "train") -> None:
   _positive_int(config, "sample.steps")
   _positive_int(config, "sample.num_samples")
   _positive_int(config, "sample.batch_size")
-  parse_options(config.sample.options)
-  parse_extra(config.sample.extra, tuple(samplers.available()))
+  options = parse_options(config.sample.options)
+  extra = parse_extra(config.sample.extra, tuple(samplers.available()))
+  _check_sampler_options(config, options, extra)
   _choice(config, "guidance.kind", ("none", "cfg", "classifier"))
   if config.guidance.kind == "cfg" and not config.data.conditional:
     _fail("guidance.kind", config.guidance.kind,
@@ -199,6 +256,10 @@ def validate(config, mode: str = "train") -> None:
       _fail("guidance.classifier_base", g.classifier_base,
             "'conditional' when diffusion.p_uncond=0 (the null label of a conditional model "
             "is only trained by label dropout)")
+  if mode == "sweep" and config.objective == "flow":
+    raise ConfigError("--mode=sweep compares samplers and step counts; objective='flow' samples "
+                      "by one inverse pass and has neither (allowed: objective 'diffusion' or "
+                      "'flow_matching').")
   if mode == "evaluate":
     from experiments import evaluate
     evaluate.likelihood_settings(config)

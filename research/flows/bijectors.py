@@ -132,11 +132,13 @@ class Coupling(nn.Module):
     hidden: conditioner width (MLP units or conv channels).
     depth: hidden layers of the MLP conditioner (vectors only).
     scale_bound: |log-scale| < scale_bound per layer (affine only).
+    mask_kind: the mask (make_mask) used when forward/inverse get none; stacks pass theirs.
   """
   kind: str = "affine"
   hidden: int = 128
   depth: int = 2
   scale_bound: float = 2.0
+  mask_kind: str = "checkerboard"
 
   @nn.compact
   def _shift_and_log_scale(self, x: Array, mask: Array, context: Optional[Array]):
@@ -159,17 +161,22 @@ class Coupling(nn.Module):
     log_scale = self.scale_bound * jnp.tanh(raw / self.scale_bound)
     return shift * inv, log_scale * inv
 
-  def forward(self, x: Array, mask: Array, context: Optional[Array] = None):
+  def _mask(self, x: Array, mask: Optional[Array]) -> Array:
+    return jnp.asarray(make_mask(self.mask_kind, x.shape[1:])) if mask is None else mask
+
+  def forward(self, x: Array, mask: Optional[Array] = None, context: Optional[Array] = None):
+    mask = self._mask(x, mask)
     shift, log_scale = self._shift_and_log_scale(x, mask, context)
     # On the conditioning part shift = log_scale = 0, so y equals x there and the inverse sees
     # the same conditioner input.
     return x * jnp.exp(log_scale) + shift, _sum_except_batch(log_scale)
 
-  def inverse(self, y: Array, mask: Array, context: Optional[Array] = None):
+  def inverse(self, y: Array, mask: Optional[Array] = None, context: Optional[Array] = None):
+    mask = self._mask(y, mask)
     shift, log_scale = self._shift_and_log_scale(y, mask, context)
     return (y - shift) * jnp.exp(-log_scale), -_sum_except_batch(log_scale)
 
-  def __call__(self, x, mask, context=None):
+  def __call__(self, x, mask=None, context=None):
     return self.forward(x, mask, context)
 
 

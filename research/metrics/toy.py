@@ -73,12 +73,16 @@ def toy_sample_metrics(dataset, samples, rng, num_reference: int = 10000,
   if samples.shape[0] == 0:
     return out
   if getattr(dataset, "has_density", False):
-    lp = dataset.log_prob(samples)
-    in_support = jnp.isfinite(lp)
-    out["support_fraction"] = float(jnp.mean(in_support))
-    if bool(jnp.all(in_support)):
-      out["logp_gap"] = float(jnp.mean(lp) - jnp.mean(dataset.log_prob(reference)))
-    out["logp_mean"] = float(jnp.mean(jnp.where(in_support, lp, jnp.nan)))
+    # On the host: -inf log-densities (outside a bounded support) must not reach jax ops,
+    # which --debug's NaN checks would stop on.
+    lp = np.asarray(dataset.log_prob(samples), np.float64)
+    in_support = np.isfinite(lp)
+    out["support_fraction"] = float(np.mean(in_support))
+    if bool(np.all(in_support)):
+      ref_lp = np.asarray(dataset.log_prob(reference), np.float64)
+      out["logp_gap"] = float(np.mean(lp) - np.mean(ref_lp))
+    if bool(np.any(in_support)):
+      out["logp_mean"] = float(np.mean(lp[in_support]))  # over the samples in the support
   if hasattr(dataset, "means") and hasattr(dataset, "std"):
     out.update(mixture_metrics(samples, dataset.means, dataset.std))
   out["sliced_wasserstein"] = sliced_wasserstein(samples, reference, p_rng, num_projections)

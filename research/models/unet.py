@@ -152,6 +152,12 @@ class UNet(nn.Module):
     if x.shape[1] % f or x.shape[2] % f:
       raise ValueError(f"unet: image size {x.shape[1:3]} must be divisible by {f} "
                        f"(2**(len(ch_mult)-1) with ch_mult={tuple(self.ch_mult)}).")
+    levels = tuple(x.shape[1] // 2**i for i in range(len(self.ch_mult)))
+    missing = sorted(set(self.attn_resolutions) - set(levels))
+    if missing:  # otherwise those attention layers would silently not exist
+      raise ValueError(f"unet: attn_resolutions={tuple(self.attn_resolutions)} has {missing}, "
+                       f"which this UNet never reaches; its resolutions are {levels} px "
+                       f"(model.attn_resolutions must be a subset).")
 
   @nn.compact
   def __call__(self, x, t, labels=None, train: bool = False):

@@ -111,15 +111,13 @@ CASES = {  # name: (steps, options, expected NFE)
 }
 
 
-@pytest.mark.parametrize("sde,names", [
-    (VP, ALL), (SUBVP, ["pc", "heun"]), (VE, ["ddpm", "dpm_solver++"])],
-    ids=["vp", "subvp", "ve"])
+@pytest.mark.parametrize("sde,names", [(VP, ALL), (SUBVP, ALL), (VE, ALL)],
+                         ids=["vp", "subvp", "ve"])
 def test_every_sampler_samples_the_ring(sde, names):
-  """Modes found with the right weights, within-mode std within 12% and NFE as counted
-  (n = 1000: mode_tv noise ~ 0.03, std-ratio noise ~ 1.6%; the loose bound covers the
-  coarse stochastic samplers at these small step counts). Each family runs on VP; sub-VP
-  and VE run the four kinds of update between them (posterior, Langevin + reverse
-  diffusion, EDM view with churn, log-SNR multistep)."""
+  """Every sampler on every SDE: modes found with the right weights, within-mode std within
+  12% and NFE as counted (n = 1000: mode_tv noise ~ 0.03, std-ratio noise ~ 1.6%; the loose
+  bound covers the coarse stochastic samplers at these small step counts; measured worst:
+  std 0.912 for ode_euler on VE, mode_tv 0.063 for euler_maruyama on VE)."""
   for name in names:
     steps, opts, nfe = CASES[name]
     q, info = _quality(RING2, name, sde, 1000, steps=steps, **opts)

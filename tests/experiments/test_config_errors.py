@@ -30,6 +30,7 @@ def test_quickstart_configs_validate():
     ("diffusion.p_uncond", 0.1, r"config\.diffusion\.p_uncond=0\.1.*data\.conditional"),
     ("sample.extra", ("ddim:50", "magic:5"), r"config\.sample\.extra=.*'sampler:steps'.*'magic:5'"),
     ("sample.extra", ("ddim:0",), r"config\.sample\.extra=.*steps an integer >= 1"),
+    ("sample.options", "etaa=0.1", r"config\.sample\.options='etaa=0\.1'.*Unknown option.*'etaa'.*allowed: \['denoise'"),
     ("eval.inception_weights", "/nonexistent/pt_inception.npz",
      r"config\.eval\.inception_weights='/nonexistent/pt_inception\.npz'.*convert_inception_weights"),
 ])
@@ -46,6 +47,27 @@ def test_bad_values_name_the_field(key, value, pattern):
 def test_bad_flow_values_name_the_field(key, value, pattern):
   with pytest.raises(validate.ConfigError, match=pattern):
     validate.validate(_cfg(objective="flow", **{key: value}))
+
+
+@pytest.mark.parametrize("overrides,pattern", [
+    ({"diffusion.loss": "edm", "diffusion.prediction": "x0"},
+     r"config\.diffusion\.prediction='x0'.*'eps'.*loss='edm'"),
+    ({"diffusion.sde": "ve", "diffusion.sigma_max": 0.001},
+     r"config\.diffusion\.sigma_max=0\.001.*> diffusion\.sigma_min=0\.01"),
+    ({"model.name": "unet", "model.ch": 16, "model.ch_mult": (1, 2), "model.num_heads": 3},
+     r"config\.model\.num_heads=3.*\[16, 32\]"),
+    ({"model.name": "unet", "model.ch_mult": ()}, r"config\.model\.ch_mult=\(\).*non-empty"),
+    ({"objective": "flow", "sample.options": "eta=0.5"},
+     r"config\.sample\.options='eta=0\.5'.*temperature"),
+])
+def test_bad_combinations_name_the_field(overrides, pattern):
+  with pytest.raises(validate.ConfigError, match=pattern):
+    validate.validate(_cfg(**overrides))
+
+
+def test_sweep_of_a_coupling_flow_is_refused():
+  with pytest.raises(validate.ConfigError, match="--mode=sweep.*objective='flow'"):
+    validate.validate(_cfg(objective="flow"), mode="sweep")
 
 
 def test_bad_mode():

@@ -46,6 +46,20 @@ def test_train_checkpoint_sample_metrics(tmp_path):
   m2 = main_lib.run(c, workdir, "sample")
   assert os.path.exists(tmp_path / "samples" / "again.npz")
   np.testing.assert_allclose(m2["std_ratio"], metrics["std_ratio"], rtol=1e-5)
+  # --mode=sweep: every (sampler, steps) cell on the same checkpoint, a table and a plot.
+  c = _tiny(**{"sweep.samplers": ("ddim", "ode_euler"), "sweep.steps": (2, 4)})
+  cells = main_lib.run(c, workdir, "sweep")
+  assert [(r["sampler"], r["steps"]) for r in cells] == [
+      ("ddim", 2), ("ddim", 4), ("ode_euler", 2), ("ode_euler", 4)]
+  assert all(np.isfinite(r["sliced_wasserstein"]) for r in cells)
+  assert len(open(tmp_path / "sweep" / "results.csv").read().strip().splitlines()) == 5
+  assert (tmp_path / "sweep" / "quality_vs_nfe.png").stat().st_size > 1000
+
+
+@pytest.mark.parametrize("mode", ["sample", "evaluate", "sweep"])
+def test_modes_that_read_a_checkpoint_refuse_an_empty_workdir(tmp_path, mode):
+  with pytest.raises(FileNotFoundError, match="No checkpoint in .*run --mode=train"):
+    main_lib.run(_tiny(), str(tmp_path), mode)
 
 
 def test_resume_equals_uninterrupted(tmp_path):
@@ -85,3 +99,17 @@ def test_nonfinite_loss_stops_with_step(tmp_path):
   c = _tiny(**{"optim.learning_rate": 1e30, "optim.grad_clip": 0.0, "optim.warmup_steps": 0})
   with pytest.raises(train_lib.NonFiniteLossError, match=r"at step \d+"):
     train_lib.train(c, str(tmp_path))
+
+
+def test_debug_mode_runs_the_whole_job_without_jit(tmp_path):
+  """--debug (no jit, NaN checks on) trains, samples and computes every metric."""
+  c = _tiny(**{"train.steps": 2, "train.ckpt_every": 2, "train.log_every": 1,
+               "sample.steps": 2, "sample.num_samples": 64, "sample.batch_size": 64,
+               "eval.num_reference": 64})
+  try:
+    metrics = main_lib.run(c, str(tmp_path), "train", debug=True)
+    assert jax.config.jax_disable_jit and jax.config.jax_debug_nans
+  finally:
+    jax.config.update("jax_disable_jit", False)
+    jax.config.update("jax_debug_nans", False)
+  assert metrics["nfe"] == 3 and "logp_gap" in metrics and "sliced_wasserstein" in metrics
