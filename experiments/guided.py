@@ -191,11 +191,18 @@ def _summary_figure(path: str, kind: str, rows) -> None:
   import matplotlib.pyplot as plt
   scales = [r["scale"] for r in rows]
   fig, ax = plt.subplots(1, 2, figsize=(8, 3.2), dpi=110)
-  ax[0].plot(scales, [r["accuracy"] for r in rows], "o-")
-  ax[0].set_ylabel("accuracy (nearest mode = requested)")
-  ax[1].plot(scales, [r["std_ratio"] for r in rows], "o-")
-  ax[1].axhline(1.0, color="0.6", lw=0.8)
-  ax[1].set_ylabel("within-mode std / true std")
+  if "accuracy" in rows[0]:  # toy mixtures
+    ax[0].plot(scales, [r["accuracy"] for r in rows], "o-")
+    ax[0].set_ylabel("accuracy (nearest mode = requested)")
+    ax[1].plot(scales, [r["std_ratio"] for r in rows], "o-")
+    ax[1].axhline(1.0, color="0.6", lw=0.8)
+    ax[1].set_ylabel("within-mode std / true std")
+  else:  # images: the feature classifier's accuracy and fd_<dataset>
+    fd_key = next(k for k in rows[0] if k.startswith("fd_") and k.count("_") == 1)
+    ax[0].plot(scales, [r["classifier_accuracy"] for r in rows], "o-")
+    ax[0].set_ylabel("classifier accuracy on requested class")
+    ax[1].plot(scales, [r[fd_key] for r in rows], "o-")
+    ax[1].set_ylabel(fd_key)
   for a in ax:
     a.set_xlabel("w" if kind == "cfg" else "s")
   fig.suptitle(f"{kind} guidance", fontsize=9)
@@ -212,9 +219,8 @@ def guided_sample_and_evaluate(config, workdir: str, state=None) -> Dict[str, Di
                      f"{config.data.name!r} has {spec.num_classes}.")
   objective = builders.build_objective(config, spec)
   if state is None:
-    from experiments import train as train_lib
-    state, ckpt = train_lib.restore_or_create(config, workdir, objective, spec)
-    ckpt.close()
+    from experiments import sample as sample_lib
+    state = sample_lib.restore_trained(config, workdir, objective, spec)
   params = state.ema_params if config.sample.use_ema else state.params
   step = int(state.step)
   classifier = None
@@ -239,6 +245,12 @@ def guided_sample_and_evaluate(config, workdir: str, state=None) -> Dict[str, Di
       metrics.update(guidance.conditional_mode_metrics(samples, labels, spec.toy.means,
                                                        spec.toy.std))
       rows.append(metrics)
+    elif spec.kind == "image":
+      # fd_<dataset> and the feature classifier's accuracy on the requested classes.
+      from experiments import image_data
+      metrics.update(image_data.image_metrics(config, spec, samples, labels))
+      if "classifier_accuracy" in metrics:
+        rows.append(metrics)
     wd.save_samples(workdir, tag, samples, labels)
     title = f"{config.data.name}: {tag} ({nfe} NFE), step {step}"
     if spec.kind == "toy":
@@ -248,7 +260,10 @@ def guided_sample_and_evaluate(config, workdir: str, state=None) -> Dict[str, Di
       plotting.scatter(wd.figure_path(workdir, tag), samples[order], ref, labels=labels[order],
                        title=title)
     else:
-      plotting.image_grid(wd.figure_path(workdir, tag), samples, title=title)
+      # One row per class (up to 10 classes x 10 samples), so every class is on the grid.
+      per = min(n, 10)
+      rows_idx = np.concatenate([np.arange(c * n, c * n + per) for c in range(min(k, 10))])
+      plotting.image_grid(wd.figure_path(workdir, tag), samples[rows_idx], title=title)
     writer.write(step, "guidance", metrics)
     logging.info("Guided samples %s: %s", tag, {kk: (round(v, 4) if isinstance(v, float) else v)
                                                 for kk, v in metrics.items()})

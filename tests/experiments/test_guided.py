@@ -9,7 +9,9 @@ import pytest
 
 from configs.common import override
 from configs.toy import ring_guided
+from experiments import builders
 from experiments import guided
+from experiments import train as train_lib
 from experiments import validate
 from experiments import workdir as wd
 
@@ -18,12 +20,21 @@ def _config(arg="tiny", **over):
   return override(ring_guided.get_config(arg), **over)
 
 
+def _fresh_state(config, workdir):
+  """An untrained model's state (guided sampling of a workdir needs a checkpoint)."""
+  spec = builders.build_data_spec(config)
+  state, ckpt = train_lib.restore_or_create(config, workdir, builders.build_objective(config, spec),
+                                            spec)
+  ckpt.close()
+  return state
+
+
 def test_cfg_then_classifier_guidance_tiny(tmp_path):
   """On an untrained tiny model (the training loop is tested in test_end_to_end; the sample
   quality of guidance against exact scores in tests/diffusion/test_guidance.py)."""
   workdir = str(tmp_path)
   c = _config()
-  results = guided.guided_sample_and_evaluate(c, workdir)  # fresh state: nothing in workdir
+  results = guided.guided_sample_and_evaluate(c, workdir, _fresh_state(c, workdir))
   k, n = 8, c.guidance.samples_per_class
   want_labels = np.repeat(np.arange(k), n)
   tags = [guided.scale_tag(c, s) for s in c.guidance.scales]
@@ -47,7 +58,7 @@ def test_cfg_then_classifier_guidance_tiny(tmp_path):
   cc = _config("tiny,kind=classifier", **{"guidance.classifier_steps": 40,
                                           "guidance.classifier_learning_rate": 1e-2})
   validate.validate(cc)
-  guided.guided_sample_and_evaluate(cc, workdir)
+  guided.guided_sample_and_evaluate(cc, workdir, _fresh_state(cc, workdir))
   ck = wd.Checkpointer(os.path.join(workdir, guided.CLASSIFIER_DIR))
   assert ck.latest_step() == 40
   ck.close()

@@ -77,3 +77,19 @@ def test_shapes_data_and_bad_configs(data_dir):
     builders.build_data_spec(_config(digits_ddpm, data_dir, **{"data.image_size": 12}))
   with pytest.raises(ConfigError, match="ch_mult"):
     builders.build_data_spec(_config(digits_ddpm, data_dir, **{"model.ch_mult": (1, 2, 2, 2, 2)}))
+
+
+def test_classifier_free_guidance_on_images(data_dir, tmp_path):
+  """CFG on a conditional image model: per scale, samples for every class, fd_digits and the
+  feature classifier's accuracy on the requested classes, and the summary figure."""
+  c = _config(digits_ddpm, data_dir, "tiny,conditional",
+              **{"guidance.kind": "cfg", "guidance.scales": (0.0, 2.0),
+                 "guidance.samples_per_class": 2})
+  results = main_lib.run(c, str(tmp_path), "train")
+  assert sorted(results) == ["cfg_w0_ddpm_5", "cfg_w2_ddpm_5"]
+  for m in results.values():
+    assert 0.0 <= m["classifier_accuracy"] <= 1.0 and np.isfinite(m["fd_digits"])
+    assert m["fd_num_samples"] == 20  # 10 classes x 2
+  labels = np.load(tmp_path / "samples" / "cfg_w2_ddpm_5.npz")["labels"]
+  np.testing.assert_array_equal(labels, np.repeat(np.arange(10), 2))
+  assert (tmp_path / "figures" / "guidance_cfg.png").stat().st_size > 1000
