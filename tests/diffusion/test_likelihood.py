@@ -161,6 +161,16 @@ def test_divergence_estimators_against_jacobian_trace():
     assert np.all(np.abs(np.asarray(avg - div_ref)) <= 4 * se + 1e-5), probe
   with pytest.raises(TypeError, match="custom_vjp"):
     likelihood.drift_and_divergence(opaque, VP, x, t, ad_mode="forward")
+  # The vectorised path (used above UNROLL_MAX_D dimensions), chunks of 2 over D = 5.
+  saved, likelihood.UNROLL_MAX_D = likelihood.UNROLL_MAX_D, 0
+  try:
+    chunked = jax.jit(lambda x: [
+        likelihood.drift_and_divergence(score, VP, x, t, exact_chunk=2, ad_mode=mode)[1]
+        for mode in ("forward", "reverse")])(x)
+  finally:
+    likelihood.UNROLL_MAX_D = saved
+  for div in chunked:
+    np.testing.assert_allclose(np.asarray(div), np.asarray(div_ref), rtol=1e-4, atol=1e-4)
 
 
 def test_nfe_equals_runtime_count_and_multiaxis_input():
