@@ -185,7 +185,7 @@ def _draw(config, make_score, sde, dims, labels: np.ndarray, scale: float, rng):
   return np.concatenate(out, 0), nfe
 
 
-def _summary_figure(path: str, kind: str, rows) -> None:
+def _summary_figure(path: str, kind: str, rows, fd_key: str = "") -> None:
   import matplotlib
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
@@ -198,7 +198,6 @@ def _summary_figure(path: str, kind: str, rows) -> None:
     ax[1].axhline(1.0, color="0.6", lw=0.8)
     ax[1].set_ylabel("within-mode std / true std")
   else:  # images: the feature classifier's accuracy and fd_<dataset>
-    fd_key = next(k for k in rows[0] if k.startswith("fd_") and k.count("_") == 1)
     ax[0].plot(scales, [r["classifier_accuracy"] for r in rows], "o-")
     ax[0].set_ylabel("classifier accuracy on requested class")
     ax[1].plot(scales, [r[fd_key] for r in rows], "o-")
@@ -269,6 +268,10 @@ def guided_sample_and_evaluate(config, workdir: str, state=None) -> Dict[str, Di
                                                 for kk, v in metrics.items()})
     results[tag] = metrics
   if rows:
+    fd_key = ""
+    if spec.kind == "image":
+      from experiments import image_data
+      fd_key = image_data.fd_metric(config)
     _summary_figure(wd.figure_path(workdir, f"guidance_{config.guidance.kind}"),
-                    config.guidance.kind, rows)
+                    config.guidance.kind, rows, fd_key)
   return results

@@ -31,6 +31,11 @@ def dataset_key(config) -> str:
   return config.data.name.split("/")[0].split(":")[0]
 
 
+def fd_metric(config) -> str:
+  """The name of the sample-quality metric of image data: 'fd_<dataset>'."""
+  return f"fd_{dataset_key(config)}"
+
+
 def load_split(config, split: str) -> Tuple[np.ndarray, Optional[np.ndarray],
                                              pipeline.SourceInfo]:
   """(uint8 images [N, H, W, C], int32 labels [N] | None, SourceInfo), cached per process."""
