@@ -161,7 +161,8 @@ def validate(config, mode: str = "train") -> None:
   # objective
   _choice(config, "objective", OBJECTIVES)
   _choice(config, "diffusion.sde", SDES)
-  _choice(config, "diffusion.schedule", ("linear", "cosine", "scaled_linear"))
+  from research.diffusion.schedules import SCHEDULES
+  _choice(config, "diffusion.schedule", SCHEDULES)
   _choice(config, "diffusion.loss", LOSSES)
   _choice(config, "diffusion.prediction", PREDICTIONS)
   _choice(config, "diffusion.weighting", ("uniform", "likelihood"))
@@ -185,7 +186,8 @@ def validate(config, mode: str = "train") -> None:
     _fail("diffusion.p_uncond", config.diffusion.p_uncond,
           "0 unless data.conditional=True (label dropout needs labels)")
   if config.objective == "flow":
-    _choice(config, "flow.kind", ("nice", "realnvp", "glow"))
+    from research.flows.models import KINDS as FLOW_KINDS
+    _choice(config, "flow.kind", FLOW_KINDS)
     _positive_int(config, "flow.num_layers")
     _positive_int(config, "flow.hidden")
     _positive_int(config, "flow.num_scales")
