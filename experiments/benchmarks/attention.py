@@ -34,9 +34,12 @@ if __package__ in (None, ""):  # run as a script: make the repo root importable
 import jax
 import jax.numpy as jnp
 
-from kernels.attention import BlockSizes, dot_product_attention, pallas_attention
+from kernels.attention import (BlockSizes, MosaicBlockSizes, dot_product_attention,
+                               mosaic_attention, pallas_attention)
 
-IMPLS = ("ours", "bundled_pallas", "cudnn", "xla")
+# ours: the Triton-lowered Pallas kernels; ours_mosaic: the Hopper (Mosaic GPU) forward with
+# the same backward (implementation="mosaic", compute capability 9.x only).
+IMPLS = ("ours", "ours_mosaic", "bundled_pallas", "cudnn", "xla")
 _DTYPES = {"bf16": jnp.bfloat16, "fp16": jnp.float16, "fp32": jnp.float32}
 
 
@@ -48,8 +51,14 @@ def log(*args):
 
 
 def make_attention(impl: str, *, causal: bool, interpret: bool,
-                   block_sizes: Optional[BlockSizes] = None) -> Callable:
-  """(q, k, v) -> out for one implementation; layout [B, T, H, D]."""
+                   block_sizes: Optional[BlockSizes | MosaicBlockSizes] = None) -> Callable:
+  """(q, k, v) -> out for one implementation; layout [B, T, H, D].
+
+  block_sizes: BlockSizes for "ours", MosaicBlockSizes (forward tiles) for "ours_mosaic".
+  """
+  if impl == "ours_mosaic":
+    return functools.partial(mosaic_attention, causal=causal, mosaic_block_sizes=block_sizes,
+                             interpret=interpret)
   if impl == "ours":
     if block_sizes is not None:
       return functools.partial(pallas_attention, causal=causal, block_sizes=block_sizes,
@@ -132,13 +141,27 @@ def measure(cell: Cell, fn: Callable, args, *, iters: int, run: bool = True,
       return cell
     if not run:
       return cell
-    jax.block_until_ready(compiled(*args))  # warm-up
+    # Warm-up: at least 3 calls and ~0.2 s of device work, so that clocks have ramped up
+    # after the compile's idle gap. Each sample then enqueues `reps` calls back to back
+    # (>= ~10 ms of work) and syncs once: host dispatch and sync latency are amortised
+    # instead of being added to every ~1 ms call.
+    t0 = time.perf_counter()
+    n = 0
+    while n < 3 or time.perf_counter() - t0 < 0.2:
+      jax.block_until_ready(compiled(*args))
+      n += 1
+    reps = max(1, math.ceil(0.01 / ((time.perf_counter() - t0) / n)))
     times = []
     for _ in range(iters):
       t0 = time.perf_counter()
-      jax.block_until_ready(compiled(*args))
-      times.append(time.perf_counter() - t0)
+      for _ in range(reps):  # one stream: the last result is ready after all the others
+        out = compiled(*args)
+      jax.block_until_ready(out)
+      times.append((time.perf_counter() - t0) / reps)
+      del out
     cell.ms = 1e3 * statistics.median(times)
+    spread = f"ms min/max {1e3 * min(times):.3f}/{1e3 * max(times):.3f} x{reps}"
+    cell.note = f"{cell.note}; {spread}" if cell.note else spread
     cell.tflops = attention_flops(cell.batch, cell.heads, cell.seq_len, cell.head_dim,
                                   cell.causal, cell.which) / (cell.ms * 1e-3) / 1e12
   except Exception as e:  # one failing implementation must not stop the sweep

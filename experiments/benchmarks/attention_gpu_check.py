@@ -30,6 +30,17 @@ the D = 128 rows only and those rows again with the best tiles. Run 1's numbers 
 "ours_run1" / "ours_tuned_run1" so the tables show the change.
 
   python experiments/benchmarks/attention_gpu_check.py --mode run2 --out /tmp/gpu_check2
+
+--mode run3 (default --budget_s 480) checks and times the Mosaic GPU (Hopper) forward
+(kernels/attention/mosaic.py, implementation "mosaic", column "ours_mosaic"), which no GPU
+has run yet: smoke (both accumulation variants); bf16 + fp16 correctness of ours_mosaic on
+the odd shapes without kv_lengths and a benchmark-like one, plus ours (Triton) bf16; the
+main sweep rows for ours, ours_mosaic, bundled Pallas and cuDNN (the timing now amortises
+host overhead over >= 10 ms per sample and reports the spread); Mosaic tiles at T=4096
+(block_q, block_kv, stages, in-place accumulation) at D = 128 and 64; T = 32768 memory
+for ours, ours_mosaic, cuDNN, XLA; then T = 512, 1024, 16384 rows while time remains.
+
+  python experiments/benchmarks/attention_gpu_check.py --mode run3 --out $OUT
 """
 from __future__ import annotations
 
@@ -80,8 +91,9 @@ def summarize_exception(e: BaseException) -> str:
 def main(argv=None):
   p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   p.add_argument("--out", required=True, help="output directory")
-  p.add_argument("--mode", default="full", choices=("full", "run2"),
-                 help="full: everything (~8 min); run2: short second run (~4 min), see above")
+  p.add_argument("--mode", default="full", choices=("full", "run2", "run3"),
+                 help="full: everything (~8 min); run2: short second run (~4 min); run3: the "
+                      "Mosaic GPU forward (~8 min), see above")
   p.add_argument("--budget_s", type=float, default=None,
                  help="wall-clock budget for the whole script; later sections are skipped "
                       "(default 450 for full, 225 for run2)")
@@ -96,8 +108,11 @@ def main(argv=None):
                  help="tiny sizes in interpret mode: checks this script's plumbing on a CPU")
   args = p.parse_args(argv)
   run2 = args.mode == "run2"
+  run3 = args.mode == "run3"
   if args.budget_s is None:
-    args.budget_s = 225.0 if run2 else 450.0
+    args.budget_s = 225.0 if run2 else (480.0 if run3 else 450.0)
+  if run3:  # the Triton tile tuning of runs 1-2 is replaced by the Mosaic tile section
+    args.skip = ",".join(filter(None, [args.skip, "tune"]))
   if run2:  # what run 1 already answered (memory at T=32768, XLA, extra T) is not re-run
     args.extra = False
     args.skip = ",".join(filter(None, [args.skip, "long"]))
@@ -124,7 +139,7 @@ def main(argv=None):
 
   from experiments.benchmarks import attention as bench
   from kernels.attention import BlockSizes, dot_product_attention, mha_reference
-  from kernels.attention import pallas_attention
+  from kernels.attention import MosaicBlockSizes, mosaic_attention, pallas_attention
   from kernels.attention.block_sizes import default_block_sizes
 
   env = bench.environment()
@@ -160,11 +175,18 @@ def main(argv=None):
     out, vjp = jax.vjp(attn, q, k, v)
     return (out,) + tuple(vjp(do))
 
-  def check_case(name, b, t, s, h, hkv, d, causal, kvl, scale, dtype, seed, block_sizes=None):
+  def check_case(name, b, t, s, h, hkv, d, causal, kvl, scale, dtype, seed, block_sizes=None,
+                 mosaic=None):
+    """mosaic: None (ours, Triton) or the MosaicBlockSizes of an ours_mosaic check."""
     q, k, v, do = inputs(seed, b, t, s, h, hkv, d, dtype)
     kvl_arr = None if kvl is None else jnp.asarray(kvl, jnp.int32)
-    ours = functools.partial(pallas_attention, causal=causal, kv_lengths=kvl_arr, scale=scale,
-                             block_sizes=block_sizes, interpret=interp)
+    if mosaic is not None:
+      assert kvl is None
+      ours = functools.partial(mosaic_attention, causal=causal, scale=scale,
+                               mosaic_block_sizes=mosaic, interpret=interp)
+    else:
+      ours = functools.partial(pallas_attention, causal=causal, kv_lengths=kvl_arr,
+                               scale=scale, block_sizes=block_sizes, interpret=interp)
     ref = functools.partial(mha_reference, causal=causal, kv_lengths=kvl_arr, scale=scale)
     got = jax.block_until_ready(jax.jit(lambda *a: fwd_bwd(ours, *a))(q, k, v, do))
     with jax.default_matmul_precision("highest"):
@@ -182,11 +204,15 @@ def main(argv=None):
     log("=== 1. smoke: compile and run our kernels on tiny shapes ===")
     # Both loop kinds (unmasked only / unmasked + masked) and both common head dims; D=40
     # and D=256 come in the correctness section.
-    for d, causal in ((64, True), (128, False)):
-      name = f"smoke D={d} causal={causal}"
+    smoke_runs = [(64, True, None), (128, False, None)]
+    if run3:
+      smoke_runs = [(64, True, MosaicBlockSizes()), (128, False, MosaicBlockSizes()),
+                    (128, True, MosaicBlockSizes(in_place=False))] + smoke_runs
+    for d, causal, mbs in smoke_runs:
+      name = f"smoke {'ours_mosaic ' + str(mbs) if mbs else 'ours'} D={d} causal={causal}"
       try:
         ok, errs, finite, tol = check_case(name, 1, 256, 256, 2, 2, d, causal, None, None,
-                                           jnp.bfloat16, seed=d)
+                                           jnp.bfloat16, seed=d, mosaic=mbs)
         smoke.append({"case": name, "ok": ok, "errs": errs, "finite": finite})
         log(f"{'PASS' if ok else 'FAIL'} {name}: " +
             " ".join(f"{k}={v:.1e}" for k, v in errs.items()) + f" finite={finite}")
@@ -221,6 +247,23 @@ def main(argv=None):
     runs = [(n, dt, None) for n in odd for dt in (jnp.float32, jnp.bfloat16)]
     runs += [("odd_gqa_causal_kvlen", jnp.bfloat16, small_tiles)]
     corr_share = 0.35
+  mosaic_cases = {}
+  if run3:  # ours_mosaic takes no kv_lengths: the odd shapes without them
+    mosaic_cases = {
+        "mosaic_odd_gqa_causal": (2, 77, 130, 8, 2, 40, True, None, None),
+        "mosaic_odd_mha_noncausal_scale": (1, 77, 130, 2, 2, 72, False, None, 0.3),
+        "mosaic_causal_t_gt_s_mqa": (2, 100, 37, 2, 1, 96, True, None, None),
+        "mosaic_causal_t_lt_s_d256": (1, 300, 700, 4, 2, 256, True, None, None),
+        "mosaic_bench_like_d128_causal": (2, 1024, 1024, 16, 16, 128, True, None, None),
+        "mosaic_bench_like_d64": (2, 1024, 1024, 8, 8, 64, False, None, None),
+    }
+    if dry:
+      mosaic_cases = {n: c for n, c in mosaic_cases.items() if "bench" not in n and "d256" not in n}
+    cases.update(mosaic_cases)
+    runs = [(n, dt, None) for n in mosaic_cases for dt in (jnp.bfloat16, jnp.float16)]
+    runs += [("odd_gqa_causal_kvlen", jnp.bfloat16, None),
+             ("bench_like_d128_causal", jnp.bfloat16, None)]
+    corr_share = 0.3
   if "correctness" not in skip:
     log("=== 2. correctness vs float32 reference (rel err = max|x-ref|/max|ref|) ===")
     for i, (name, dtype, bs) in enumerate(runs):
@@ -228,9 +271,10 @@ def main(argv=None):
         log(f"SKIP correctness {name} ({jnp.dtype(dtype).name}): time budget")
         continue
       label = f"{name} {jnp.dtype(dtype).name}" + (" small_tiles" if bs else "")
+      mbs = MosaicBlockSizes() if name in mosaic_cases else None
       try:
         ok, errs, finite, tol = check_case(name, *cases[name], dtype, seed=100 + i,
-                                           block_sizes=bs)
+                                           block_sizes=bs, mosaic=mbs)
         corr.append({"case": label, "ok": ok, "errs": errs, "finite": finite, "tol": tol})
         log(f"{'PASS' if ok else 'FAIL'} {label}: " +
             " ".join(f"{k}={v:.2e}" for k, v in errs.items()) + f" finite={finite} tol={tol}")
@@ -240,7 +284,7 @@ def main(argv=None):
     # Dispatch: "auto" must pick pallas on a GPU; cuDNN agrees with the reference.
     # (Passed in run 1 and independent of tiles and precision: not repeated in run2.)
     try:
-      if run2:
+      if run2 or run3:
         raise _Skip()
       q, k, v, _ = inputs(1, 2, 512, 512, 4, 4, 64, jnp.bfloat16)
       auto = jax.jit(lambda q, k, v: dot_product_attention(q, k, v, causal=True,
@@ -271,7 +315,8 @@ def main(argv=None):
 
   # --- 3. sweep ---------------------------------------------------------------------------
   cells = []
-  impls = [i for i in bench.IMPLS if not (run2 and i == "xla")]
+  impls = [i for i in bench.IMPLS
+           if not ((run2 or run3) and i == "xla") and not (i == "ours_mosaic" and not run3)]
   sweep_reserve = 10 if run2 else 60  # seconds kept for later sections
   kw = dict(tokens=16384, hidden=2048, dtype_name="bf16", iters=args.iters, interpret=interp)
   main_ts, tune_t, long_t = (2048, 4096, 8192), 4096, 32768
@@ -293,9 +338,35 @@ def main(argv=None):
 
   # --- 4. long sequence memory ------------------------------------------------------------
   long_cells = []
+  mosaic_tune = []
+  if run3 and "mosaic_tune" not in skip:
+    log(f"=== 3b. Mosaic forward tiles at T={tune_t} (bf16) ===")
+    results["sections"]["mosaic_tune"] = mosaic_tune
+    cands = [MosaicBlockSizes(64, 128, 2), MosaicBlockSizes(64, 128, 2, in_place=False),
+             MosaicBlockSizes(64, 64, 3), MosaicBlockSizes(64, 64, 4),
+             MosaicBlockSizes(64, 128, 3), MosaicBlockSizes(128, 64, 2)]
+    if dry:
+      cands = cands[:2]
+    for d in (128, 64):
+      for causal in (False, True):
+        for mbs in cands:
+          if time_left() < 150:
+            break
+          if mbs.shared_memory_bytes(d) > 227 * 1024:
+            continue
+          c = bench.run_cell("ours_mosaic", tune_t, d, causal, "fwd", block_sizes=mbs, **kw)
+          mosaic_tune.append({"d": d, "causal": causal, "cand": dataclasses.asdict(mbs),
+                              "tflops": c.tflops, "error": c.error, "note": c.note})
+          log(f"  mosaic tune D={d} causal={causal} {mbs}: "
+              + (f"{c.tflops:.0f} TFLOP/s" if c.tflops else f"ERROR {c.error}"))
+        save()
+
+  if run3 and args.extra is False:
+    args.extra = True  # run3 ends with the T = 512 / 1024 / 16384 rows while time remains
+  long_impls = impls + (["xla"] if run3 else [])
   if "long" not in skip and time_left() > 45:
     log(f"=== 4. long: T={long_t}, B=1, H=16, D=128, fwd+bwd (compiled temporaries) ===")
-    long_cells = bench.long_sequence_rows(impls, seq_len=long_t, head_dim=128, hidden=2048,
+    long_cells = bench.long_sequence_rows(long_impls, seq_len=long_t, head_dim=128, hidden=2048,
                                           dtype_name="bf16", iters=3, interpret=interp)
     results["sections"]["long"] = [dataclasses.asdict(x) for x in long_cells]
     save()
@@ -404,6 +475,16 @@ def main(argv=None):
     for c in long_cells:
       lines.append(f"| {c.impl} | {bench._fmt(c, 'temp_mib')} | {bench._fmt(c, 'ms')} | "
                    f"{(c.error or c.note or '')[:120]} |")
+  if mosaic_tune:
+    lines += ["", f"## Mosaic forward tiles, T={tune_t}, bf16 (TFLOP/s)", "",
+              "| D | causal | block_q | block_kv | stages | in_place | TFLOP/s | note |",
+              "|---|---|---|---|---|---|---|---|"]
+    for m in mosaic_tune:
+      cd = m["cand"]
+      val = f"{m['tflops']:.0f}" if m["tflops"] else "error"
+      lines.append(f"| {m['d']} | {m['causal']} | {cd['block_q']} | {cd['block_kv']} | "
+                   f"{cd['num_stages']} | {cd['in_place']} | {val} | "
+                   f"{(m['error'] or m['note'] or '')[:100]} |")
   if tuned:
     lines += ["", f"## Tuned BlockSizes (T={tune_t})", ""]
     lines += [f"- D={d} causal={c}: `{bs}`" for (d, c), bs in tuned.items()]
@@ -445,7 +526,7 @@ def targets(cells) -> list[str]:
          "|---|---|---|---|---|---|---|---|---|"]
   keys = sorted({(c.seq_len, c.head_dim, c.causal, c.which) for c in cells})
   for key in keys:
-    mine = [by.get(key + (n,)) for n in ("ours", "ours_tuned")]
+    mine = [by.get(key + (n,)) for n in ("ours", "ours_tuned", "ours_mosaic")]
     mine = [c.tflops for c in mine if c is not None and c.tflops]
     bundled, cudnn = by.get(key + ("bundled_pallas",)), by.get(key + ("cudnn",))
     if not mine:

@@ -8,6 +8,10 @@ Implementations (registry `IMPLEMENTATIONS`, names listed by `available_implemen
           GPU through Pallas' Triton lowering, or anywhere with interpret=True.
   xla     dense softmax(q k^T) v with float32 logits (reference.py); runs everywhere.
   cudnn   jax.nn.dot_product_attention(implementation="cudnn"): NVIDIA GPU, bf16/fp16.
+  mosaic  Hopper forward in Pallas' Mosaic GPU backend (mosaic.py: TMA, wgmma, warp
+          specialisation) with the pallas backward; bf16/fp16, no kv_lengths; anywhere
+          with interpret=True (Pallas' GPU interpreter). Not yet measured on a GPU, so
+          "auto" does not pick it.
   triton  jax-triton kernels (triton_backend.py); needs the jax-triton package.
 "auto" picks pallas on a GPU (falling back to xla for inputs the kernel does not take) and
 xla on CPU/TPU: the interpreter runs the kernel correctly but far slower than XLA.
@@ -24,6 +28,7 @@ import jax.numpy as jnp
 
 from kernels.attention import backward as bwd_kernels
 from kernels.attention import forward as fwd_kernels
+from kernels.attention import mosaic as mosaic_kernels
 from kernels.attention import reference
 from kernels.attention.block_sizes import BlockSizes, default_block_sizes
 from research.registry import Registry
@@ -80,6 +85,8 @@ class _PallasConfig:
   scale: float
   block_sizes: Optional[BlockSizes]  # None: per-backend default
   interpret: bool
+  forward: str = "triton"  # or "mosaic" (mosaic.py; the backward is the same)
+  mosaic_block_sizes: Optional[mosaic_kernels.MosaicBlockSizes] = None
 
 
 def _padded_head_dim(d: int) -> int:
@@ -99,15 +106,22 @@ def _pad_to(x: jax.Array, length: int, dim_size: int) -> jax.Array:
 
 
 def _plan(cfg: _PallasConfig, q_shape, k_shape, dtype):
+  """(backward/Triton tiles, Mosaic tiles or None, padded T, padded S, padded D)."""
   _, t, _, d = q_shape
   s = k_shape[1]
-  dp = _padded_head_dim(d)
+  mosaic = cfg.forward == "mosaic"
+  dp = mosaic_kernels.padded_head_dim(d) if mosaic else _padded_head_dim(d)
   bs = cfg.block_sizes
   if bs is None:
     bs = default_block_sizes("cpu" if cfg.interpret else "gpu", dp, cfg.causal, dtype)
   bs = bs.fit(t, s)
-  tp, sp = _round_up(t, bs.q_multiple), _round_up(s, bs.kv_multiple)
-  return bs, tp, sp, dp
+  q_mult, kv_mult = bs.q_multiple, bs.kv_multiple
+  mbs = None
+  if mosaic:  # all tiles are powers of two or multiples of 64 -> the max is a common multiple
+    mbs = cfg.mosaic_block_sizes or mosaic_kernels.default_mosaic_block_sizes(dp)
+    q_mult = max(q_mult, mbs.q_multiple)
+    kv_mult = max(kv_mult, mbs.block_kv)
+  return bs, mbs, _round_up(t, q_mult), _round_up(s, kv_mult), dp
 
 
 def _static_kwargs(cfg: _PallasConfig, t: int, s: int, sp: int, has_kv_lengths: bool, bs):
@@ -125,16 +139,23 @@ def _make_pallas_attention(cfg: _PallasConfig, t: int, s: int, d: int):
     return fwd(q, k, v, kv_lengths)[0]
 
   def fwd(q, k, v, kv_lengths):
-    bs, tp, sp, dp = _plan(cfg, q.shape, k.shape, q.dtype)
+    bs, mbs, tp, sp, dp = _plan(cfg, q.shape, k.shape, q.dtype)
     qp, kp, vp = _pad_to(q, tp, dp), _pad_to(k, sp, dp), _pad_to(v, sp, dp)
     kw = _static_kwargs(cfg, t, s, sp, kv_lengths is not None, bs)
-    out_p, lse = fwd_kernels.flash_forward(qp, kp, vp, kv_lengths, **kw)
+    if mbs is not None:
+      assert kv_lengths is None  # refused by mosaic_attention
+      out_p, lse = mosaic_kernels.mosaic_forward(
+          mosaic_kernels.prescale_query(qp, cfg.scale), kp, vp, causal=cfg.causal,
+          causal_offset=kw["causal_offset"], static_kv_len=kw["static_kv_len"],
+          block_sizes=mbs, interpret=cfg.interpret)
+    else:
+      out_p, lse = fwd_kernels.flash_forward(qp, kp, vp, kv_lengths, **kw)
     return out_p[:, :t, :, :d], (qp, kp, vp, kv_lengths, out_p, lse)
 
   def bwd(res, dout):
     qp, kp, vp, kv_lengths, out_p, lse = res
-    bs, tp, sp, dp = _plan(cfg, (qp.shape[0], t, qp.shape[2], d),
-                           (kp.shape[0], s, kp.shape[2], d), qp.dtype)
+    bs, _, tp, sp, dp = _plan(cfg, (qp.shape[0], t, qp.shape[2], d),
+                              (kp.shape[0], s, kp.shape[2], d), qp.dtype)
     kw = _static_kwargs(cfg, t, s, sp, kv_lengths is not None, bs)
     dout_p = _pad_to(dout.astype(out_p.dtype), tp, dp)
     # Padded query rows have dout == 0, hence delta == 0 and dS == 0: they add nothing.
@@ -168,6 +189,31 @@ def pallas_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, causal: bool =
   if kv_lengths is not None:
     kv_lengths = jnp.clip(jnp.asarray(kv_lengths).astype(jnp.int32), 0, s)
   return _make_pallas_attention(cfg, t, s, d)(q, k, v, kv_lengths)
+
+
+def mosaic_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, causal: bool = False,
+                     scale: float | None = None, block_sizes: BlockSizes | None = None,
+                     mosaic_block_sizes: mosaic_kernels.MosaicBlockSizes | None = None,
+                     interpret: bool = False) -> jax.Array:
+  """Attention with the Mosaic GPU (Hopper) forward and the Pallas backward kernels.
+
+  Same semantics as `pallas_attention` without kv_lengths; bf16/fp16 only. `block_sizes`
+  are the backward's tiles, `mosaic_block_sizes` the forward's (None: defaults).
+  `interpret=True` runs the forward in Pallas' GPU interpreter (see mosaic.py for what it
+  checks) and the backward in the Pallas interpreter.
+  """
+  _validate(q, k, v, None)
+  if jnp.dtype(q.dtype) not in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)):
+    raise ValueError(f"dtype {q.dtype}: the Mosaic GPU kernel takes bfloat16 or float16.")
+  t, s, d = q.shape[1], k.shape[1], q.shape[3]
+  if d > MAX_HEAD_DIM:
+    raise ValueError(f"head_dim={d}; the Mosaic GPU kernel supports head dims up to "
+                     f"{MAX_HEAD_DIM}.")
+  scale = float(1.0 / d ** 0.5 if scale is None else scale)
+  cfg = _PallasConfig(causal=bool(causal), scale=scale, block_sizes=block_sizes,
+                      interpret=bool(interpret), forward="mosaic",
+                      mosaic_block_sizes=mosaic_block_sizes)
+  return _make_pallas_attention(cfg, t, s, d)(q, k, v, None)
 
 
 # --- Validation -------------------------------------------------------------------------------
@@ -228,6 +274,33 @@ def _xla_fn(q, k, v, *, causal, kv_lengths, scale, interpret):
   return reference.mha_reference(q, k, v, causal=causal, kv_lengths=kv_lengths, scale=scale)
 
 
+def _is_hopper() -> bool:
+  try:
+    devs = jax.devices("cuda")
+  except RuntimeError:
+    return False
+  return bool(devs) and str(getattr(devs[0], "compute_capability", "")).startswith("9.")
+
+
+def _mosaic_reason(spec: AttentionSpec) -> Optional[str]:
+  if spec.head_dim > MAX_HEAD_DIM:
+    return f"head_dim={spec.head_dim} exceeds the kernel's maximum of {MAX_HEAD_DIM}."
+  if jnp.dtype(spec.dtype) not in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)):
+    return f"the Mosaic GPU kernel takes bfloat16 or float16, not {jnp.dtype(spec.dtype)}."
+  if spec.has_kv_lengths:
+    return "the Mosaic GPU kernel does not take kv_lengths yet; use implementation='pallas'."
+  if not spec.interpret and (spec.backend != "gpu" or not _is_hopper()):
+    return ("the Mosaic GPU kernel uses Hopper's TMA and wgmma and needs a compute "
+            f"capability 9.x GPU (the default backend is {spec.backend!r}); pass "
+            "interpret=True (Pallas' GPU interpreter) or use implementation='pallas'.")
+  return None
+
+
+def _mosaic_fn(q, k, v, *, causal, kv_lengths, scale, interpret):
+  del kv_lengths  # refused by _mosaic_reason
+  return mosaic_attention(q, k, v, causal=causal, scale=scale, interpret=interpret)
+
+
 def _cudnn_reason(spec: AttentionSpec) -> Optional[str]:
   if spec.backend != "gpu" or not _has_cuda():
     return f"cuDNN attention needs an NVIDIA GPU; the default backend is {spec.backend!r}."
@@ -268,6 +341,7 @@ def _triton_fn(q, k, v, *, causal, kv_lengths, scale, interpret):
 register_implementation(Implementation("pallas", _pallas_fn, _pallas_reason))
 register_implementation(Implementation("xla", _xla_fn, lambda spec: None))
 register_implementation(Implementation("cudnn", _cudnn_fn, _cudnn_reason))
+register_implementation(Implementation("mosaic", _mosaic_fn, _mosaic_reason))
 register_implementation(Implementation("triton", _triton_fn, _triton_reason))
 
 

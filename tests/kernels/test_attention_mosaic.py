@@ -1,0 +1,154 @@
+"""Mosaic GPU (Hopper) forward, without a GPU: Pallas' GPU interpreter + CUDA lowering.
+
+The interpreter runs the kernel's three warpgroups as threads with simulated barriers, TMA
+copies and shared memory (it fails on a barrier phase some waiter never observed, and its
+race detector reports shared-memory reads that may overlap a write), so the pipeline
+protocol, the loop ranges and the masks are checked against the float32 reference on fresh
+random inputs. Its matmuls are plain dots (see mosaic.py); the wgmma
+version is checked by lowering the kernel for CUDA on this CPU machine, which runs Mosaic
+GPU's lowering with its layout and shape checks, but not ptxas.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from kernels.attention import (BlockSizes, MosaicBlockSizes, default_mosaic_block_sizes,
+                               dot_product_attention, mha_reference, mosaic_attention)
+from kernels.attention.mosaic import races_found
+
+FAST_COMPILE = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
+# Smallest legal Mosaic tiles: a CTA is 2 x 64 query rows, keys stream 64 at a time through a
+# 2-slot ring, so the shapes below span several key tiles and reuse each slot.
+MOSAIC_TILES = MosaicBlockSizes(block_q=64, block_kv=64, num_stages=2)
+BWD_TILES = BlockSizes(block_q=64, block_k=64, block_q_dkv=32, block_k_dkv=64,
+                       block_q_dq=64, block_k_dq=32)
+
+
+def _rel(x, ref) -> float:
+  x = np.asarray(x, np.float64)
+  ref = np.asarray(ref, np.float64)
+  return float(np.abs(x - ref).max() / max(np.abs(ref).max(), 1e-30))
+
+
+# name: (B, T, S, H, Hkv, D, causal, scale)
+CASES = {
+    # T != S, D=40 (padded to 64), GQA 4:2, causal with offset S - T = 53, key padding
+    # 130 -> 192: warpgroup 0 needs 2 key tiles, warpgroup 1 all 3 (a release step), the
+    # last tile is masked by both the diagonal and the padding.
+    "odd_gqa_causal": (1, 77, 130, 4, 2, 40, True, None),
+    # More queries than keys (rows 0..62 see nothing), MQA, D=96 (-> 128), two examples.
+    "causal_t_gt_s_mqa": (2, 100, 37, 2, 1, 96, True, None),
+    # No causal mask: unmasked tiles then the padding tile; MHA, D=72, explicit scale.
+    "noncausal_mha": (1, 200, 150, 2, 2, 72, False, 0.3),
+}
+
+
+@functools.lru_cache(maxsize=None)
+def _run(name, dtype=jnp.bfloat16, seed=0):
+  b, t, s, h, hkv, d, causal, scale = CASES[name]
+  ks = jax.random.split(jax.random.PRNGKey(seed), 4)
+  q = jax.random.normal(ks[0], (b, t, h, d), jnp.float32)
+  k = jax.random.normal(ks[1], (b, s, hkv, d), jnp.float32)
+  v = jax.random.normal(ks[2], (b, s, hkv, d), jnp.float32)
+  do = jax.random.normal(ks[3], (b, t, h, d), jnp.float32)
+  low = [x.astype(dtype) for x in (q, k, v, do)]
+  ref_in = [x.astype(jnp.float32) for x in low]  # the same rounded inputs
+
+  def fwd_bwd(attn, q, k, v, do):
+    out, vjp = jax.vjp(attn, q, k, v)
+    return (out,) + vjp(do)
+
+  ours = functools.partial(mosaic_attention, causal=causal, scale=scale, block_sizes=BWD_TILES,
+                           mosaic_block_sizes=MOSAIC_TILES, interpret=True)
+  ref = functools.partial(mha_reference, causal=causal, scale=scale)
+  # Op by op, not under one jit: with the forward's GPU interpreter and the backward in one
+  # XLA:CPU program, the interpreter's simulated warpgroups deadlocked (jax 0.10.2, 2 cores);
+  # each kernel is still compiled and run on its own.
+  got = fwd_bwd(ours, *low)
+  want = jax.jit(functools.partial(fwd_bwd, ref), compiler_options=FAST_COMPILE)(*ref_in)
+  return got, want
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_mosaic_forward_and_gradients_match_float32_reference(name):
+  got, want = _run(name)
+  assert not races_found()  # the interpreter's race detector watched the whole pipeline
+  for label, x, r in zip(("out", "dq", "dk", "dv"), got, want):
+    assert x.dtype == jnp.bfloat16
+    assert np.all(np.isfinite(np.asarray(x, np.float32))), f"{label} has NaN/inf"
+    assert _rel(x, r) < 2e-2, (name, label, _rel(x, r))
+
+
+def test_mosaic_rows_without_keys_are_zero():
+  got, _ = _run("causal_t_gt_s_mqa")
+  out, dq = (np.asarray(x, np.float32) for x in got[:2])
+  empty = 100 - 37  # causal, bottom-right: row r sees keys j <= r - 63
+  assert np.all(out[:, :empty] == 0.0) and np.all(dq[:, :empty] == 0.0)
+  assert np.all(np.abs(out[:, empty:]).max(axis=(-1, -2)) > 0)
+
+
+def test_mosaic_fp16_and_op_dispatch():
+  b, t, s, h, hkv, d = 1, 128, 128, 2, 1, 64
+  ks = jax.random.split(jax.random.PRNGKey(3), 3)
+  q = jax.random.normal(ks[0], (b, t, h, d), jnp.float16)
+  k = jax.random.normal(ks[1], (b, s, hkv, d), jnp.float16)
+  v = jax.random.normal(ks[2], (b, s, hkv, d), jnp.float16)
+  out = dot_product_attention(q, k, v, causal=True, implementation="mosaic", interpret=True)
+  ref = mha_reference(*(x.astype(jnp.float32) for x in (q, k, v)), causal=True)
+  assert out.dtype == jnp.float16 and _rel(out, ref) < 2e-2
+
+
+def test_mosaic_refusals_are_clear():
+  q = jnp.zeros((1, 8, 2, 16), jnp.bfloat16)
+  with pytest.raises(ValueError, match="mosaic.*kv_lengths"):
+    dot_product_attention(q, q, q, kv_lengths=jnp.ones((1,), jnp.int32),
+                          implementation="mosaic", interpret=True)
+  with pytest.raises(ValueError, match="mosaic.*bfloat16 or float16"):
+    dot_product_attention(q.astype(jnp.float32), q.astype(jnp.float32), q.astype(jnp.float32),
+                          implementation="mosaic", interpret=True)
+  with pytest.raises(ValueError, match="compute capability 9"):
+    dot_product_attention(q, q, q, implementation="mosaic", interpret=False)
+  with pytest.raises(ValueError, match="block_kv=96"):
+    MosaicBlockSizes(block_kv=96)
+  with pytest.raises(ValueError, match="num_stages=1"):
+    MosaicBlockSizes(num_stages=1)
+
+
+def test_mosaic_defaults_fit_hopper_shared_memory():
+  from kernels.attention.mosaic import MAX_SHARED_MEMORY_BYTES
+  for d in (64, 128, 256):
+    bs = default_mosaic_block_sizes(d)
+    assert bs.shared_memory_bytes(d) <= MAX_SHARED_MEMORY_BYTES, (d, bs)
+  assert default_mosaic_block_sizes(40) == default_mosaic_block_sizes(64)
+  with pytest.raises(ValueError, match="head_dim=512"):
+    default_mosaic_block_sizes(512)
+
+
+@pytest.mark.parametrize("dtype,d,causal,hkv,in_place", [
+    (jnp.bfloat16, 128, False, 8, True),   # the benchmark family, FlashAttention-3 accumulate
+    (jnp.bfloat16, 128, True, 2, False),   # fresh-accumulator variant, causal, GQA
+    (jnp.float16, 40, True, 1, True),      # odd head dim (-> 64), MQA, key padding
+    (jnp.bfloat16, 256, False, 8, True),   # widest head
+])
+def test_mosaic_kernel_lowers_for_cuda(dtype, d, causal, hkv, in_place):
+  """Cross-lowers the wgmma kernel (+ the Triton backward) for CUDA on this CPU machine."""
+  b, t, s, h = 1, 200, 300, 8
+  qa = jax.ShapeDtypeStruct((b, t, h, d), dtype)
+  ka = jax.ShapeDtypeStruct((b, s, hkv, d), dtype)
+  mbs = dataclasses.replace(default_mosaic_block_sizes(d), in_place=in_place)
+
+  def f(q, k, v):
+    attn = functools.partial(mosaic_attention, causal=causal, mosaic_block_sizes=mbs)
+    out, vjp = jax.vjp(attn, q, k, v)
+    return out, vjp(out)
+
+  text = jax.jit(f).trace(qa, ka, ka).lower(lowering_platforms=("cuda",)).as_text()
+  assert "mosaic_gpu" in text
+  for name in ("flash_attention_delta", "flash_attention_dkdv", "flash_attention_dq"):
+    assert f'name = "{name}"' in text, name
