@@ -91,7 +91,9 @@ class MosaicBlockSizes:
   def shared_memory_bytes(self, head_dim: int, itemsize: int = 2) -> int:
     q = _COMPUTE_WGS * self.block_q * head_dim * itemsize
     kv = 2 * self.num_stages * self.block_kv * head_dim * itemsize
-    return q + kv + _COMPUTE_WGS * self.block_q * 4
+    # + 4 KiB: barriers and Mosaic's own scratch (2.1-2.7 KiB counted by its lowering for the
+    # default tiles; an under-estimate let a 229,888-byte candidate through that needed 232,568).
+    return q + kv + _COMPUTE_WGS * self.block_q * 4 + 4096
 
 
 # Hopper defaults by padded head dim. D <= 128: FlashAttention-3's 128-row CTA (2 x 64) with
@@ -141,6 +143,9 @@ def mosaic_forward(q: jax.Array, k: jax.Array, v: jax.Array, *, causal: bool,
   dtype = q.dtype
   groups = h // hkv
   bq, bkv, stages = block_sizes.block_q, block_sizes.block_kv, block_sizes.num_stages
+  if not block_sizes.in_place and dp > 128:
+    raise ValueError(f"MosaicBlockSizes(in_place=False) at head dim {dp}: the second float32 "
+                     f"accumulator does not fit the register budget; use in_place=True.")
   if tp % (2 * bq) or sp % bkv or dp % 64:
     raise ValueError(f"mosaic_forward needs Tp % {2 * bq} == 0, Sp % {bkv} == 0, Dp % 64 == 0;"
                      f" got q {q.shape}, k {k.shape}.")
@@ -230,13 +235,20 @@ def mosaic_forward(q: jax.Array, k: jax.Array, v: jax.Array, *, causal: bool,
           s = jnp.where(mask, s, c.MASK_VALUE)
         m_new = jnp.maximum(m_i, s.max(axis=1))
         alpha = jnp.exp2(m_i - m_new)
-        p = jnp.exp2(s - lax.broadcast_in_dim(m_new, s.shape, [0]))
+        m_sub = m_new
         if masked:
-          # A row masked everywhere so far has m_new == MASK_VALUE and p == 1 on masked keys.
-          p = jnp.where(mask, p, 0.0)
+          # A row masked everywhere so far has m_new == MASK_VALUE: subtract 0 instead, so
+          # its masked logits give exp2(MASK_VALUE) = 0 (elsewhere s - m_new is ~MASK_VALUE
+          # on masked keys, also 0). A per-row select, not a per-element one on p.
+          m_sub = jnp.where(m_new == c.MASK_VALUE, 0.0, m_new)
+        p = jnp.exp2(s - lax.broadcast_in_dim(m_sub, s.shape, [0]))
         l_i = l_i * alpha + p.sum(axis=1)
         p_lo = p.astype(dtype)
-        acc, l_i, m_new, p_lo = lax.optimization_barrier((acc, l_i, m_new, p_lo))
+        if block_sizes.in_place:
+          # Rescale during the softmax, before the tensor cores are ours (as JAX's example:
+          # this ordering matters for speed); wgmma then accumulates p v onto it in place.
+          acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [0])
+        acc, l_i, m_new, p_lo, alpha = lax.optimization_barrier((acc, l_i, m_new, p_lo, alpha))
         plgpu.barrier_arrive(schedule_barrier)  # softmax done
         plgpu.barrier_wait(v_barriers.at[slot])
         plgpu.barrier_wait(schedule_barrier)  # the tensor cores are ours
@@ -248,14 +260,12 @@ def mosaic_forward(q: jax.Array, k: jax.Array, v: jax.Array, *, causal: bool,
           def _():
             plgpu.barrier_wait(k_barriers.at[lax.rem(nxt, jnp.array(stages, step.dtype))])
 
-        alpha_b = lax.broadcast_in_dim(alpha, acc.shape, [0])
         if interpret:
-          acc = acc * alpha_b + c.dot(p_lo, v_smem[slot], 1, 0)
+          pv = c.dot(p_lo, v_smem[slot], 1, 0)
+          acc = acc + pv if block_sizes.in_place else (
+              acc * lax.broadcast_in_dim(alpha, acc.shape, [0]) + pv)
           wait_next_k()
         elif block_sizes.in_place:
-          # FlashAttention-3: rescale, then let wgmma accumulate p v onto it in place.
-          acc = acc * alpha_b
-
           def compute_pv_in_place(acc_ref):
             plgpu.wgmma(acc_ref, p_lo, v_smem.at[slot])
             wait_next_k()  # overlaps the wgmma
@@ -267,7 +277,8 @@ def mosaic_forward(q: jax.Array, k: jax.Array, v: jax.Array, *, causal: bool,
             wait_next_k()  # overlaps the wgmma
             return pv_ref[...]
 
-          acc = acc * alpha_b + pl.run_scoped(compute_pv, plgpu.ACC((bq, dp), jnp.float32))
+          pv = pl.run_scoped(compute_pv, plgpu.ACC((bq, dp), jnp.float32))
+          acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [0]) + pv
         plgpu.barrier_arrive(v_consumed.at[slot])
         return acc, m_new, l_i
 
@@ -275,13 +286,15 @@ def mosaic_forward(q: jax.Array, k: jax.Array, v: jax.Array, *, causal: bool,
         # Tiles only the other warpgroup needs: free the slot, keep the ping-pong in step.
         # (Waiting for the loads keeps every barrier phase observed by every warpgroup that
         # waits on it, which Pallas' GPU interpreter checks; on the GPU the tile is there.)
+        # Same barrier order as kv_step, so the partner's softmax is not delayed by a load.
         slot = lax.rem(step, jnp.array(stages, step.dtype))
         plgpu.barrier_wait(k_barriers.at[slot])
+        schedule_barrier_sync()
         plgpu.barrier_arrive(k_consumed.at[slot])
+        plgpu.barrier_arrive(schedule_barrier)
         plgpu.barrier_wait(v_barriers.at[slot])
+        plgpu.barrier_wait(schedule_barrier)
         plgpu.barrier_arrive(v_consumed.at[slot])
-        schedule_barrier_sync()
-        schedule_barrier_sync()
 
       carry = (acc, m_i, l_i)
       carry = lax.fori_loop(0, n_full, functools.partial(kv_step, masked=False), carry)
@@ -355,6 +368,8 @@ def mosaic_forward(q: jax.Array, k: jax.Array, v: jax.Array, *, causal: bool,
   kwargs = {}
   if interpret:
     kwargs["interpret"] = interpret_params()
+  elif causal:
+    _refuse_miscompiling_ptxas()
   out, lse = plgpu.kernel(
       entry,
       out_type=[jax.ShapeDtypeStruct(q.shape, dtype),
@@ -367,6 +382,22 @@ def mosaic_forward(q: jax.Array, k: jax.Array, v: jax.Array, *, causal: bool,
       **kwargs,
   )(q, k, v)
   return out, lse
+
+
+def _refuse_miscompiling_ptxas():
+  """JAX's example refuses causal masks on CUDA runtimes 12.8.0 <= v < 12.9.1 (a ptxas
+  miscompilation); this kernel builds its mask the same way."""
+  try:
+    from jax._src.lib import cuda_versions
+  except ImportError:  # pragma: no cover
+    return
+  if cuda_versions is None:  # a CPU-only jaxlib (cross-lowering in tests)
+    return
+  version = cuda_versions.cuda_runtime_get_version()
+  if 12080 <= version < 12091:
+    raise ValueError(f"causal=True with the Mosaic GPU kernel on CUDA runtime {version}: "
+                     "ptxas 12.8.0-12.9.0 miscompiles this mask (see JAX's attention_mgpu); "
+                     "use implementation='pallas' or CUDA >= 12.9.1.")
 
 
 def interpret_params():

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 from typing import Callable, Optional
 
 import jax
@@ -117,10 +118,10 @@ def _plan(cfg: _PallasConfig, q_shape, k_shape, dtype):
   bs = bs.fit(t, s)
   q_mult, kv_mult = bs.q_multiple, bs.kv_multiple
   mbs = None
-  if mosaic:  # all tiles are powers of two or multiples of 64 -> the max is a common multiple
+  if mosaic:  # Mosaic tiles are multiples of 64, the backward's powers of two
     mbs = cfg.mosaic_block_sizes or mosaic_kernels.default_mosaic_block_sizes(dp)
-    q_mult = max(q_mult, mbs.q_multiple)
-    kv_mult = max(kv_mult, mbs.block_kv)
+    q_mult = math.lcm(q_mult, mbs.q_multiple)
+    kv_mult = math.lcm(kv_mult, mbs.block_kv)
   return bs, mbs, _round_up(t, q_mult), _round_up(s, kv_mult), dp
 
 

@@ -114,6 +114,10 @@ def test_mosaic_refusals_are_clear():
                           implementation="mosaic", interpret=True)
   with pytest.raises(ValueError, match="compute capability 9"):
     dot_product_attention(q, q, q, implementation="mosaic", interpret=False)
+  with pytest.raises(ValueError, match="in_place=False.*head dim 256"):
+    z = jnp.zeros((1, 8, 1, 256), jnp.bfloat16)
+    mosaic_attention(z, z, z, mosaic_block_sizes=MosaicBlockSizes(in_place=False),
+                     interpret=True)
   with pytest.raises(ValueError, match="block_kv=96"):
     MosaicBlockSizes(block_kv=96)
   with pytest.raises(ValueError, match="num_stages=1"):
