@@ -181,9 +181,8 @@ def main(argv=None):
     q, k, v, do = inputs(seed, b, t, s, h, hkv, d, dtype)
     kvl_arr = None if kvl is None else jnp.asarray(kvl, jnp.int32)
     if mosaic is not None:
-      assert kvl is None
-      ours = functools.partial(mosaic_attention, causal=causal, scale=scale,
-                               mosaic_block_sizes=mosaic, interpret=interp)
+      ours = functools.partial(mosaic_attention, causal=causal, kv_lengths=kvl_arr,
+                               scale=scale, mosaic_block_sizes=mosaic, interpret=interp)
     else:
       ours = functools.partial(pallas_attention, causal=causal, kv_lengths=kvl_arr,
                                scale=scale, block_sizes=block_sizes, interpret=interp)
@@ -253,15 +252,8 @@ def main(argv=None):
     runs += [("odd_gqa_causal_kvlen", jnp.bfloat16, small_tiles)]
     corr_share = 0.35
   mosaic_cases = {}
-  if run3:  # ours_mosaic takes no kv_lengths: the odd shapes without them
-    mosaic_cases = {
-        "mosaic_odd_gqa_causal": (2, 77, 130, 8, 2, 40, True, None, None),
-        "mosaic_odd_mha_noncausal_scale": (1, 77, 130, 2, 2, 72, False, None, 0.3),
-        "mosaic_causal_t_gt_s_mqa": (2, 100, 37, 2, 1, 96, True, None, None),
-        "mosaic_causal_t_lt_s_d256": (1, 300, 700, 4, 2, 256, True, None, None),
-        "mosaic_bench_like_d128_causal": (2, 1024, 1024, 16, 16, 128, True, None, None),
-        "mosaic_bench_like_d64": (2, 1024, 1024, 8, 8, 64, False, None, None),
-    }
+  if run3:  # ours_mosaic on every odd shape (kv_lengths included)
+    mosaic_cases = {"mosaic_" + n: c for n, c in cases.items()}
     if dry:
       mosaic_cases = {n: c for n, c in mosaic_cases.items() if "bench" not in n and "d256" not in n}
     cases.update(mosaic_cases)

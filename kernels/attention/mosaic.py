@@ -119,7 +119,8 @@ def padded_head_dim(d: int) -> int:
   return max(64, 1 << (d - 1).bit_length())
 
 
-def mosaic_forward(q: jax.Array, k: jax.Array, v: jax.Array, *, causal: bool,
+def mosaic_forward(q: jax.Array, k: jax.Array, v: jax.Array,
+                   kv_lengths: jax.Array | None = None, *, causal: bool,
                    causal_offset: int, static_kv_len: int | None,
                    block_sizes: MosaicBlockSizes, interpret: bool):
   """Runs the Mosaic GPU forward on padded, pre-scaled inputs.
@@ -127,8 +128,11 @@ def mosaic_forward(q: jax.Array, k: jax.Array, v: jax.Array, *, causal: bool,
   Args:
     q: [B, Tp, H, Dp], already multiplied by scale * log2(e); k, v: [B, Sp, Hkv, Dp].
       bf16 or fp16; Tp % (2 * block_q) == 0, Sp % block_kv == 0, Dp % 64 == 0.
+    kv_lengths: [B] int32 in [0, S] or None; keys j >= kv_lengths[b] are masked (each CTA
+      reads its example's length from global memory; tiles past it are never loaded).
     causal, causal_offset: query r sees key j iff j <= r + causal_offset.
-    static_kv_len: the true S when Sp > S (padding keys are masked), else None.
+    static_kv_len: the true S when Sp > S and kv_lengths is None (padding keys are
+      masked), else None.
     block_sizes: tiles (see MosaicBlockSizes).
     interpret: run in Pallas' GPU interpret mode (CPU; simulates warpgroups, barriers, TMA).
 
@@ -163,17 +167,20 @@ def mosaic_forward(q: jax.Array, k: jax.Array, v: jax.Array, *, causal: bool,
                                                      layout=plgpu.Layout.WGMMA)
   # (q_start, rows) -> (n_full, n_end): key tiles [0, n_full) need no mask, [n_full, n_end)
   # do, later ones are never visible to these rows (shared with forward.py).
-  ranges = lambda q_start, rows: c.kv_block_ranges(
-      q_start, rows, bkv, num_kv_blocks, causal=causal, causal_offset=causal_offset,
-      kv_len=static_kv_len)
+  has_kv_lengths = kv_lengths is not None
 
-  def kernel(q_ref, k_ref, v_ref, out_ref, lse_ref, scoped):
+  def kernel(kvlen_ref, q_ref, k_ref, v_ref, out_ref, lse_ref, scoped):
     smem, buffer_barriers, consumed_barriers, schedule_barrier = scoped
     q_smem2, k_smem, v_smem, lse_smem2 = smem
     k_barriers, v_barriers, q_barriers = buffer_barriers
     k_consumed, v_consumed = consumed_barriers
     batch = lax.axis_index("batch")
     head = lax.axis_index("heads")
+    # None (no key mask), the static true S, or this example's loaded length.
+    kv_len = kvlen_ref[batch] if has_kv_lengths else static_kv_len
+    ranges = lambda q_start, rows: c.kv_block_ranges(
+        q_start, rows, bkv, num_kv_blocks, causal=causal, causal_offset=causal_offset,
+        kv_len=kv_len)
     wg = lax.axis_index(_WG_AXIS)
     tile = c.query_tile(lax.axis_index("q_seq"), num_q_tiles, causal)
     cta_q_start = tile * (2 * bq)
@@ -229,8 +236,8 @@ def mosaic_forward(q: jax.Array, k: jax.Array, v: jax.Array, *, causal: bool,
           mask = None
           if causal:
             mask = cols <= rows + causal_offset
-          if static_kv_len is not None:
-            kv_mask = cols < static_kv_len
+          if kv_len is not None:
+            kv_mask = cols < kv_len
             mask = kv_mask if mask is None else jnp.logical_and(mask, kv_mask)
           s = jnp.where(mask, s, c.MASK_VALUE)
         m_new = jnp.maximum(m_i, s.max(axis=1))
@@ -298,7 +305,7 @@ def mosaic_forward(q: jax.Array, k: jax.Array, v: jax.Array, *, causal: bool,
 
       carry = (acc, m_i, l_i)
       carry = lax.fori_loop(0, n_full, functools.partial(kv_step, masked=False), carry)
-      if causal or static_kv_len is not None:
+      if causal or kv_len is not None:
         carry = lax.fori_loop(n_full, n_end, functools.partial(kv_step, masked=True), carry)
       acc, m_i, l_i = carry
       lax.fori_loop(n_end, cta_steps, release_step, None)
@@ -344,7 +351,9 @@ def mosaic_forward(q: jax.Array, k: jax.Array, v: jax.Array, *, causal: bool,
         plgpu.barrier_wait(k_consumed.at[slot])
         plgpu.barrier_wait(v_consumed.at[slot])
 
-  def entry(q_ref, k_ref, v_ref, out_ref, lse_ref):
+  def entry(*refs):
+    kvlen_ref, (q_ref, k_ref, v_ref, out_ref, lse_ref) = (
+        (refs[0], refs[1:]) if has_kv_lengths else (None, refs))
     # Tiled + 128-byte-swizzled shared memory is what TMA and wgmma want; the interpreter
     # (plain loads, no wgmma) takes the logical layout.
     transforms = () if interpret else (plgpu.TilingTransform((8, 64)),
@@ -356,7 +365,7 @@ def mosaic_forward(q: jax.Array, k: jax.Array, v: jax.Array, *, causal: bool,
         plgpu.SMEM((_COMPUTE_WGS, bq), jnp.float32),
     ]
     pl.run_scoped(
-        lambda *args: kernel(q_ref, k_ref, v_ref, out_ref, lse_ref, args),
+        lambda *args: kernel(kvlen_ref, q_ref, k_ref, v_ref, out_ref, lse_ref, args),
         scratch,
         (plgpu.Barrier(num_barriers=stages), plgpu.Barrier(num_barriers=stages),
          plgpu.Barrier(num_barriers=_COMPUTE_WGS)),
@@ -380,7 +389,7 @@ def mosaic_forward(q: jax.Array, k: jax.Array, v: jax.Array, *, causal: bool,
       thread_name=_WG_AXIS,
       compiler_params=plgpu.CompilerParams(approx_math=True),
       **kwargs,
-  )(q, k, v)
+  )(*((kv_lengths,) if has_kv_lengths else ()), q, k, v)
   return out, lse
 
 

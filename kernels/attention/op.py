@@ -9,7 +9,7 @@ Implementations (registry `IMPLEMENTATIONS`, names listed by `available_implemen
   xla     dense softmax(q k^T) v with float32 logits (reference.py); runs everywhere.
   cudnn   jax.nn.dot_product_attention(implementation="cudnn"): NVIDIA GPU, bf16/fp16.
   mosaic  Hopper forward in Pallas' Mosaic GPU backend (mosaic.py: TMA, wgmma, warp
-          specialisation) with the pallas backward; bf16/fp16, no kv_lengths; anywhere
+          specialisation) with the pallas backward; bf16/fp16; anywhere
           with interpret=True (Pallas' GPU interpreter). Not yet measured on a GPU, so
           "auto" does not pick it.
   triton  jax-triton kernels (triton_backend.py); needs the jax-triton package.
@@ -144,9 +144,8 @@ def _make_pallas_attention(cfg: _PallasConfig, t: int, s: int, d: int):
     qp, kp, vp = _pad_to(q, tp, dp), _pad_to(k, sp, dp), _pad_to(v, sp, dp)
     kw = _static_kwargs(cfg, t, s, sp, kv_lengths is not None, bs)
     if mbs is not None:
-      assert kv_lengths is None  # refused by mosaic_attention
       out_p, lse = mosaic_kernels.mosaic_forward(
-          mosaic_kernels.prescale_query(qp, cfg.scale), kp, vp, causal=cfg.causal,
+          mosaic_kernels.prescale_query(qp, cfg.scale), kp, vp, kv_lengths, causal=cfg.causal,
           causal_offset=kw["causal_offset"], static_kv_len=kw["static_kv_len"],
           block_sizes=mbs, interpret=cfg.interpret)
     else:
@@ -193,17 +192,18 @@ def pallas_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, causal: bool =
 
 
 def mosaic_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, causal: bool = False,
-                     scale: float | None = None, block_sizes: BlockSizes | None = None,
+                     kv_lengths: jax.Array | None = None, scale: float | None = None,
+                     block_sizes: BlockSizes | None = None,
                      mosaic_block_sizes: mosaic_kernels.MosaicBlockSizes | None = None,
                      interpret: bool = False) -> jax.Array:
   """Attention with the Mosaic GPU (Hopper) forward and the Pallas backward kernels.
 
-  Same semantics as `pallas_attention` without kv_lengths; bf16/fp16 only. `block_sizes`
+  Same arguments and semantics as `pallas_attention`; bf16/fp16 only. `block_sizes`
   are the backward's tiles, `mosaic_block_sizes` the forward's (None: defaults).
   `interpret=True` runs the forward in Pallas' GPU interpreter (see mosaic.py for what it
   checks) and the backward in the Pallas interpreter.
   """
-  _validate(q, k, v, None)
+  _validate(q, k, v, kv_lengths)
   if jnp.dtype(q.dtype) not in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)):
     raise ValueError(f"dtype {q.dtype}: the Mosaic GPU kernel takes bfloat16 or float16.")
   t, s, d = q.shape[1], k.shape[1], q.shape[3]
@@ -214,7 +214,9 @@ def mosaic_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, causal: bool =
   cfg = _PallasConfig(causal=bool(causal), scale=scale, block_sizes=block_sizes,
                       interpret=bool(interpret), forward="mosaic",
                       mosaic_block_sizes=mosaic_block_sizes)
-  return _make_pallas_attention(cfg, t, s, d)(q, k, v, None)
+  if kv_lengths is not None:
+    kv_lengths = jnp.clip(jnp.asarray(kv_lengths).astype(jnp.int32), 0, s)
+  return _make_pallas_attention(cfg, t, s, d)(q, k, v, kv_lengths)
 
 
 # --- Validation -------------------------------------------------------------------------------
@@ -288,8 +290,6 @@ def _mosaic_reason(spec: AttentionSpec) -> Optional[str]:
     return f"head_dim={spec.head_dim} exceeds the kernel's maximum of {MAX_HEAD_DIM}."
   if jnp.dtype(spec.dtype) not in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)):
     return f"the Mosaic GPU kernel takes bfloat16 or float16, not {jnp.dtype(spec.dtype)}."
-  if spec.has_kv_lengths:
-    return "the Mosaic GPU kernel does not take kv_lengths yet; use implementation='pallas'."
   if not spec.interpret and (spec.backend != "gpu" or not _is_hopper()):
     return ("the Mosaic GPU kernel uses Hopper's TMA and wgmma and needs a compute "
             f"capability 9.x GPU (the default backend is {spec.backend!r}); pass "
@@ -298,8 +298,8 @@ def _mosaic_reason(spec: AttentionSpec) -> Optional[str]:
 
 
 def _mosaic_fn(q, k, v, *, causal, kv_lengths, scale, interpret):
-  del kv_lengths  # refused by _mosaic_reason
-  return mosaic_attention(q, k, v, causal=causal, scale=scale, interpret=interpret)
+  return mosaic_attention(q, k, v, causal=causal, kv_lengths=kv_lengths, scale=scale,
+                          interpret=interpret)
 
 
 def _cudnn_reason(spec: AttentionSpec) -> Optional[str]:

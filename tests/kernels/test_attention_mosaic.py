@@ -36,22 +36,24 @@ def _rel(x, ref) -> float:
   return float(np.abs(x - ref).max() / max(np.abs(ref).max(), 1e-30))
 
 
-# name: (B, T, S, H, Hkv, D, causal, scale)
+# name: (B, T, S, H, Hkv, D, causal, kv_lengths, scale)
 CASES = {
-    # T != S, D=40 (padded to 64), GQA 4:2, causal with offset S - T = 53, key padding
-    # 130 -> 192: warpgroup 0 needs 2 key tiles, warpgroup 1 all 3 (a release step), the
-    # last tile is masked by both the diagonal and the padding.
-    "odd_gqa_causal": (1, 77, 130, 4, 2, 40, True, None),
-    # More queries than keys (rows 0..62 see nothing), MQA, D=96 (-> 128), two examples.
-    "causal_t_gt_s_mqa": (2, 100, 37, 2, 1, 96, True, None),
+    # T != S, D=40 (padded to 64), GQA 4:2, causal with offset S - T = 53, kv_lengths
+    # (0, 97): example 0 attends to nothing (no key tile is even loaded), example 1 has
+    # warpgroup 0 needing 2 key tiles and warpgroup 1 all of its 2 (cut by the length).
+    "odd_gqa_causal_kvlen": (2, 77, 130, 4, 2, 40, True, (0, 97), None),
+    # More queries than keys (rows 0..62 see nothing), MQA, D=96 (-> 128), two examples;
+    # no kv_lengths: the causal diagonal and the static key padding 37 -> 64.
+    "causal_t_gt_s_mqa": (2, 100, 37, 2, 1, 96, True, None, None),
     # No causal mask: unmasked tiles then the padding tile; MHA, D=72, explicit scale.
-    "noncausal_mha": (1, 200, 150, 2, 2, 72, False, 0.3),
+    "noncausal_mha": (1, 200, 150, 2, 2, 72, False, None, 0.3),
 }
 
 
 @functools.lru_cache(maxsize=None)
 def _run(name, dtype=jnp.bfloat16, seed=0):
-  b, t, s, h, hkv, d, causal, scale = CASES[name]
+  b, t, s, h, hkv, d, causal, kvl, scale = CASES[name]
+  kvl = None if kvl is None else jnp.asarray(kvl, jnp.int32)
   ks = jax.random.split(jax.random.PRNGKey(seed), 4)
   q = jax.random.normal(ks[0], (b, t, h, d), jnp.float32)
   k = jax.random.normal(ks[1], (b, s, hkv, d), jnp.float32)
@@ -64,9 +66,10 @@ def _run(name, dtype=jnp.bfloat16, seed=0):
     out, vjp = jax.vjp(attn, q, k, v)
     return (out,) + vjp(do)
 
-  ours = functools.partial(mosaic_attention, causal=causal, scale=scale, block_sizes=BWD_TILES,
-                           mosaic_block_sizes=MOSAIC_TILES, interpret=True)
-  ref = functools.partial(mha_reference, causal=causal, scale=scale)
+  ours = functools.partial(mosaic_attention, causal=causal, kv_lengths=kvl, scale=scale,
+                           block_sizes=BWD_TILES, mosaic_block_sizes=MOSAIC_TILES,
+                           interpret=True)
+  ref = functools.partial(mha_reference, causal=causal, kv_lengths=kvl, scale=scale)
   # Op by op, not under one jit: with the forward's GPU interpreter and the backward in one
   # XLA:CPU program, the interpreter's simulated warpgroups deadlocked (jax 0.10.2, 2 cores);
   # each kernel is still compiled and run on its own.
@@ -91,6 +94,11 @@ def test_mosaic_rows_without_keys_are_zero():
   empty = 100 - 37  # causal, bottom-right: row r sees keys j <= r - 63
   assert np.all(out[:, :empty] == 0.0) and np.all(dq[:, :empty] == 0.0)
   assert np.all(np.abs(out[:, empty:]).max(axis=(-1, -2)) > 0)
+  # kv_lengths: example 0 has no keys at all; example 1's keys >= 97 get no gradient.
+  out, dq, dk, dv = (np.asarray(x, np.float32) for x in _run("odd_gqa_causal_kvlen")[0])
+  assert np.all(out[0] == 0.0) and np.all(dq[0] == 0.0)
+  assert np.all(dk[0] == 0.0) and np.all(dv[0] == 0.0)
+  assert np.all(dk[1, 97:] == 0.0) and np.all(dv[1, 97:] == 0.0)
 
 
 def test_mosaic_fp16_and_op_dispatch():
@@ -106,9 +114,6 @@ def test_mosaic_fp16_and_op_dispatch():
 
 def test_mosaic_refusals_are_clear():
   q = jnp.zeros((1, 8, 2, 16), jnp.bfloat16)
-  with pytest.raises(ValueError, match="mosaic.*kv_lengths"):
-    dot_product_attention(q, q, q, kv_lengths=jnp.ones((1,), jnp.int32),
-                          implementation="mosaic", interpret=True)
   with pytest.raises(ValueError, match="mosaic.*bfloat16 or float16"):
     dot_product_attention(q.astype(jnp.float32), q.astype(jnp.float32), q.astype(jnp.float32),
                           implementation="mosaic", interpret=True)
@@ -134,25 +139,27 @@ def test_mosaic_defaults_fit_hopper_shared_memory():
     default_mosaic_block_sizes(512)
 
 
-@pytest.mark.parametrize("dtype,d,causal,hkv,in_place", [
-    (jnp.bfloat16, 128, False, 8, True),   # the benchmark family, FlashAttention-3 accumulate
-    (jnp.bfloat16, 128, True, 2, False),   # fresh-accumulator variant, causal, GQA
-    (jnp.float16, 40, True, 1, True),      # odd head dim (-> 64), MQA, key padding
-    (jnp.bfloat16, 256, False, 8, True),   # widest head
+@pytest.mark.parametrize("dtype,d,causal,hkv,in_place,kvl", [
+    (jnp.bfloat16, 128, False, 8, True, False),  # benchmark family, FlashAttention-3 accumulate
+    (jnp.bfloat16, 128, True, 2, False, False),  # fresh-accumulator variant, causal, GQA
+    (jnp.float16, 40, True, 1, True, True),      # odd head dim (-> 64), MQA, kv_lengths
+    (jnp.bfloat16, 256, False, 8, True, False),  # widest head, key padding
 ])
-def test_mosaic_kernel_lowers_for_cuda(dtype, d, causal, hkv, in_place):
+def test_mosaic_kernel_lowers_for_cuda(dtype, d, causal, hkv, in_place, kvl):
   """Cross-lowers the wgmma kernel (+ the Triton backward) for CUDA on this CPU machine."""
   b, t, s, h = 1, 200, 300, 8
   qa = jax.ShapeDtypeStruct((b, t, h, d), dtype)
   ka = jax.ShapeDtypeStruct((b, s, hkv, d), dtype)
+  kva = jax.ShapeDtypeStruct((b,), jnp.int32) if kvl else None
   mbs = dataclasses.replace(default_mosaic_block_sizes(d), in_place=in_place)
 
-  def f(q, k, v):
-    attn = functools.partial(mosaic_attention, causal=causal, mosaic_block_sizes=mbs)
+  def f(q, k, v, kv):
+    attn = functools.partial(mosaic_attention, causal=causal, kv_lengths=kv,
+                             mosaic_block_sizes=mbs)
     out, vjp = jax.vjp(attn, q, k, v)
     return out, vjp(out)
 
-  text = jax.jit(f).trace(qa, ka, ka).lower(lowering_platforms=("cuda",)).as_text()
+  text = jax.jit(f).trace(qa, ka, ka, kva).lower(lowering_platforms=("cuda",)).as_text()
   assert "mosaic_gpu" in text
   for name in ("flash_attention_delta", "flash_attention_dkdv", "flash_attention_dq"):
     assert f'name = "{name}"' in text, name
