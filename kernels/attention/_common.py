@@ -140,16 +140,20 @@ def q_block_ranges(k_start, block_k: int, block_q: int, num_q_blocks: int, *, ca
 
 
 def tile_mask(q_start, k_start, block_q: int, block_k: int, *, causal: bool,
-              causal_offset: int, kv_len, keys_first: bool = False):
+              causal_offset: int, kv_len, keys_first: bool = False, iota=None):
   """Boolean mask of allowed (query, key) pairs for one tile.
 
   [block_q, block_k] by default; [block_k, block_q] with `keys_first` (the dK/dV kernel
-  works on the transposed tile S^T = K Q^T).
+  works on the transposed tile S^T = K Q^T). `iota(shape, dim)` makes the int32 index
+  arrays (default lax.broadcasted_iota; the Mosaic GPU kernel passes one with a register
+  layout).
   """
+  if iota is None:
+    iota = lambda shape, dim: lax.broadcasted_iota(jnp.int32, shape, dim)
   shape = (block_k, block_q) if keys_first else (block_q, block_k)
   q_axis, k_axis = (1, 0) if keys_first else (0, 1)
-  rows = q_start + lax.broadcasted_iota(jnp.int32, shape, q_axis)
-  cols = k_start + lax.broadcasted_iota(jnp.int32, shape, k_axis)
+  rows = q_start + iota(shape, q_axis)
+  cols = k_start + iota(shape, k_axis)
   mask = None
   if causal:
     mask = cols <= rows + causal_offset

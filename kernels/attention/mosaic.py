@@ -231,14 +231,8 @@ def mosaic_forward(q: jax.Array, k: jax.Array, v: jax.Array,
           s = pl.run_scoped(compute_qk, plgpu.ACC((bq, bkv), jnp.float32))
         plgpu.barrier_arrive(k_consumed.at[slot])
         if masked:
-          rows = q_start + iota((bq, bkv), 0)
-          cols = step * bkv + iota((bq, bkv), 1)
-          mask = None
-          if causal:
-            mask = cols <= rows + causal_offset
-          if kv_len is not None:
-            kv_mask = cols < kv_len
-            mask = kv_mask if mask is None else jnp.logical_and(mask, kv_mask)
+          mask = c.tile_mask(q_start, step * bkv, bq, bkv, causal=causal,
+                             causal_offset=causal_offset, kv_len=kv_len, iota=iota)
           s = jnp.where(mask, s, c.MASK_VALUE)
         m_new = jnp.maximum(m_i, s.max(axis=1))
         alpha = jnp.exp2(m_i - m_new)
