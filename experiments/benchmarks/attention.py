@@ -57,6 +57,9 @@ def make_attention(impl: str, *, causal: bool, interpret: bool,
   block_sizes: BlockSizes for "ours", MosaicBlockSizes (forward tiles) for "ours_mosaic".
   """
   if impl == "ours_mosaic":
+    if block_sizes is None:  # through the op: a clear error off Hopper
+      return functools.partial(dot_product_attention, causal=causal, implementation="mosaic",
+                               interpret=interpret)
     return functools.partial(mosaic_attention, causal=causal, mosaic_block_sizes=block_sizes,
                              interpret=interpret)
   if impl == "ours":
