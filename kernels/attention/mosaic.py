@@ -394,9 +394,10 @@ def _refuse_miscompiling_ptxas():
     from jax._src.lib import cuda_versions
   except ImportError:  # pragma: no cover
     return
-  if cuda_versions is None:  # a CPU-only jaxlib (cross-lowering in tests)
+  get_version = getattr(cuda_versions, "cuda_runtime_get_version", None)
+  if get_version is None:  # a CPU-only jaxlib (cross-lowering in tests)
     return
-  version = cuda_versions.cuda_runtime_get_version()
+  version = get_version()
   if 12080 <= version < 12091:
     raise ValueError(f"causal=True with the Mosaic GPU kernel on CUDA runtime {version}: "
                      "ptxas 12.8.0-12.9.0 miscompiles this mask (see JAX's attention_mgpu); "
