@@ -36,6 +36,7 @@ from research.registry import Registry
 
 MAX_HEAD_DIM = 256
 _FLOAT_DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
+_HALF_DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))  # mosaic, cudnn
 
 
 # --- Problem description passed to every implementation's support check -----------------------
@@ -179,13 +180,22 @@ def pallas_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, causal: bool =
   (None: the per-backend default, see block_sizes.py). Inputs are padded internally to tile
   multiples and a power-of-two head dim, so any T, S and D <= 256 work.
   """
+  return _flash_attention(q, k, v, causal=causal, kv_lengths=kv_lengths, scale=scale,
+                          block_sizes=block_sizes, interpret=interpret, kernel="Pallas")
+
+
+def _flash_attention(q, k, v, *, causal, kv_lengths, scale, block_sizes, interpret, kernel,
+                     **cfg_extra):
+  """Shared entry of pallas_attention / mosaic_attention: checks, default scale, kv_lengths
+  clipped to [0, S], then the cached custom_vjp function for this static configuration."""
   _validate(q, k, v, kv_lengths)
   t, s, d = q.shape[1], k.shape[1], q.shape[3]
   if d > MAX_HEAD_DIM:
-    raise ValueError(f"head_dim={d}; the Pallas kernel supports head dims up to {MAX_HEAD_DIM}.")
+    raise ValueError(f"head_dim={d}; the {kernel} kernel supports head dims up to "
+                     f"{MAX_HEAD_DIM}.")
   scale = float(1.0 / d ** 0.5 if scale is None else scale)
   cfg = _PallasConfig(causal=bool(causal), scale=scale, block_sizes=block_sizes,
-                      interpret=bool(interpret))
+                      interpret=bool(interpret), **cfg_extra)
   if kv_lengths is not None:
     kv_lengths = jnp.clip(jnp.asarray(kv_lengths).astype(jnp.int32), 0, s)
   return _make_pallas_attention(cfg, t, s, d)(q, k, v, kv_lengths)
@@ -203,20 +213,11 @@ def mosaic_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, causal: bool =
   `interpret=True` runs the forward in Pallas' GPU interpreter (see mosaic.py for what it
   checks) and the backward in the Pallas interpreter.
   """
-  _validate(q, k, v, kv_lengths)
-  if jnp.dtype(q.dtype) not in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)):
+  if jnp.dtype(q.dtype) not in _HALF_DTYPES:
     raise ValueError(f"dtype {q.dtype}: the Mosaic GPU kernel takes bfloat16 or float16.")
-  t, s, d = q.shape[1], k.shape[1], q.shape[3]
-  if d > MAX_HEAD_DIM:
-    raise ValueError(f"head_dim={d}; the Mosaic GPU kernel supports head dims up to "
-                     f"{MAX_HEAD_DIM}.")
-  scale = float(1.0 / d ** 0.5 if scale is None else scale)
-  cfg = _PallasConfig(causal=bool(causal), scale=scale, block_sizes=block_sizes,
-                      interpret=bool(interpret), forward="mosaic",
-                      mosaic_block_sizes=mosaic_block_sizes)
-  if kv_lengths is not None:
-    kv_lengths = jnp.clip(jnp.asarray(kv_lengths).astype(jnp.int32), 0, s)
-  return _make_pallas_attention(cfg, t, s, d)(q, k, v, kv_lengths)
+  return _flash_attention(q, k, v, causal=causal, kv_lengths=kv_lengths, scale=scale,
+                          block_sizes=block_sizes, interpret=interpret, kernel="Mosaic GPU",
+                          forward="mosaic", mosaic_block_sizes=mosaic_block_sizes)
 
 
 # --- Validation -------------------------------------------------------------------------------
@@ -288,7 +289,7 @@ def _is_hopper() -> bool:
 def _mosaic_reason(spec: AttentionSpec) -> Optional[str]:
   if spec.head_dim > MAX_HEAD_DIM:
     return f"head_dim={spec.head_dim} exceeds the kernel's maximum of {MAX_HEAD_DIM}."
-  if jnp.dtype(spec.dtype) not in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)):
+  if jnp.dtype(spec.dtype) not in _HALF_DTYPES:
     return f"the Mosaic GPU kernel takes bfloat16 or float16, not {jnp.dtype(spec.dtype)}."
   if not spec.interpret and (spec.backend != "gpu" or not _is_hopper()):
     return ("the Mosaic GPU kernel uses Hopper's TMA and wgmma and needs a compute "
@@ -305,7 +306,7 @@ def _mosaic_fn(q, k, v, *, causal, kv_lengths, scale, interpret):
 def _cudnn_reason(spec: AttentionSpec) -> Optional[str]:
   if spec.backend != "gpu" or not _has_cuda():
     return f"cuDNN attention needs an NVIDIA GPU; the default backend is {spec.backend!r}."
-  if jnp.dtype(spec.dtype) not in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)):
+  if jnp.dtype(spec.dtype) not in _HALF_DTYPES:
     return f"cuDNN flash attention takes bfloat16 or float16, not {jnp.dtype(spec.dtype)}."
   if spec.head_dim % 8 or spec.head_dim > 128:
     return f"cuDNN flash attention needs head_dim a multiple of 8 and <= 128; got {spec.head_dim}."
