@@ -224,7 +224,7 @@ def mosaic_forward(q: jax.Array, k: jax.Array, v: jax.Array,
           schedule_barrier_sync()
         else:
           def compute_qk(acc_ref):
-            plgpu.wgmma(acc_ref, q_smem, plgpu.transpose_ref(k_smem.at[slot], (1, 0)))
+            plgpu.wgmma(acc_ref, q_smem, k_smem.at[slot].transpose((1, 0)))
             schedule_barrier_sync()
             return acc_ref[...]
 
