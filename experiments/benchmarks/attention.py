@@ -37,9 +37,12 @@ import jax.numpy as jnp
 from kernels.attention import (BlockSizes, MosaicBlockSizes, dot_product_attention,
                                mosaic_attention, pallas_attention)
 
-# ours: the Triton-lowered Pallas kernels; ours_mosaic: the Hopper (Mosaic GPU) forward with
-# the same backward (implementation="mosaic", compute capability 9.x only).
+# ours: the Triton-lowered Pallas kernels; ours_mosaic: the Hopper (Mosaic GPU) kernels
+# (implementation="mosaic", compute capability 9.x only: Mosaic forward, Mosaic backward up to
+# head dim 128). ours_mosaic_tbwd (not in the default list): the Mosaic forward with the
+# Triton backward, the combination of GPU run 3.
 IMPLS = ("ours", "ours_mosaic", "bundled_pallas", "cudnn", "xla")
+EXTRA_IMPLS = ("ours_mosaic_tbwd",)
 _DTYPES = {"bf16": jnp.bfloat16, "fp16": jnp.float16, "fp32": jnp.float32}
 
 
@@ -56,6 +59,9 @@ def make_attention(impl: str, *, causal: bool, interpret: bool,
 
   block_sizes: BlockSizes for "ours", MosaicBlockSizes (forward tiles) for "ours_mosaic".
   """
+  if impl == "ours_mosaic_tbwd":
+    return functools.partial(mosaic_attention, causal=causal, mosaic_block_sizes=block_sizes,
+                             backward="triton", interpret=interpret)
   if impl == "ours_mosaic":
     if block_sizes is None:  # through the op: a clear error off Hopper
       return functools.partial(dot_product_attention, causal=causal, implementation="mosaic",
@@ -78,7 +84,7 @@ def make_attention(impl: str, *, causal: bool, interpret: bool,
   if impl in ("cudnn", "xla"):
     return functools.partial(jax.nn.dot_product_attention, is_causal=causal,
                              implementation=impl)
-  raise ValueError(f"impl={impl!r}; allowed: {', '.join(IMPLS)}.")
+  raise ValueError(f"impl={impl!r}; allowed: {', '.join(IMPLS + EXTRA_IMPLS)}.")
 
 
 def make_pass(attn: Callable, which: str) -> Callable:

@@ -41,6 +41,22 @@ host overhead over >= 10 ms per sample and reports the spread); Mosaic tiles at 
 for ours, ours_mosaic, cuDNN, XLA; then T = 512, 1024, 16384 rows while time remains.
 
   python experiments/benchmarks/attention_gpu_check.py --mode run3 --out $OUT
+
+--mode run4 (default --budget_s 330) checks and times the Mosaic GPU backward
+(kernels/attention/mosaic_backward.py; ours_mosaic is now Mosaic forward + Mosaic backward,
+ours_mosaic_tbwd the run-3 combination with the Triton backward) and the forward's in-kernel
+query scaling: smoke; bf16 correctness on the odd shapes (+ fp16 on one, + D = 256 with the
+default tiles, whose backward is the Triton one); the main sweep for ours_mosaic,
+ours_mosaic_tbwd, bundled Pallas and cuDNN; T = 32768 memory; then T = 512 / 1024 rows
+(with ours) while time remains.
+
+  python experiments/benchmarks/attention_gpu_check.py --mode run4 --out $OUT
+
+Run 4 ran out of its budget at T = 8192, D = 128; the rows it did not reach (about 3-4
+minutes with compiles):
+
+  python experiments/benchmarks/attention_gpu_check.py --mode run4 --budget_s 240 \
+      --skip smoke,correctness,long --seq_lens 8192,512,1024 --out $OUT
 """
 from __future__ import annotations
 
@@ -91,7 +107,7 @@ def summarize_exception(e: BaseException) -> str:
 def main(argv=None):
   p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   p.add_argument("--out", required=True, help="output directory")
-  p.add_argument("--mode", default="full", choices=("full", "run2", "run3"),
+  p.add_argument("--mode", default="full", choices=("full", "run2", "run3", "run4"),
                  help="full: everything (~8 min); run2: short second run (~4 min); run3: the "
                       "Mosaic GPU forward (~8 min), see above")
   p.add_argument("--budget_s", type=float, default=None,
@@ -102,17 +118,23 @@ def main(argv=None):
                  help="an earlier gpu_check.json whose 'ours' cells become extra columns "
                       "(run2 mode; '' for none)")
   p.add_argument("--extra", action="store_true", help="also T=512, 1024, 16384 sweep rows")
+  p.add_argument("--seq_lens", default="",
+                 help="comma list of T for the sweep instead of 2048,4096,8192 (then no extra "
+                      "rows), e.g. the rows an earlier run did not reach")
   p.add_argument("--iters", type=int, default=20)
   p.add_argument("--skip", default="", help="comma list of sections to skip")
   p.add_argument("--dry_run", action="store_true",
                  help="tiny sizes in interpret mode: checks this script's plumbing on a CPU")
   args = p.parse_args(argv)
   run2 = args.mode == "run2"
-  run3 = args.mode == "run3"
+  run4 = args.mode == "run4"
+  run3 = args.mode in ("run3", "run4")  # run4 is run3's sections with other cases
   if args.budget_s is None:
-    args.budget_s = 225.0 if run2 else (480.0 if run3 else 450.0)
+    args.budget_s = 225.0 if run2 else (330.0 if run4 else (480.0 if run3 else 450.0))
   if run3:  # the Triton tile tuning of runs 1-2 is replaced by the Mosaic tile section
     args.skip = ",".join(filter(None, [args.skip, "tune"]))
+  if run4:  # run 3 measured nothing there (out of time); tiles stay the defaults
+    args.skip = ",".join(filter(None, [args.skip, "mosaic_tune"]))
   if run2:  # what run 1 already answered (memory at T=32768, XLA, extra T) is not re-run
     args.extra = False
     args.skip = ",".join(filter(None, [args.skip, "long"]))
@@ -176,13 +198,15 @@ def main(argv=None):
     return (out,) + tuple(vjp(do))
 
   def check_case(name, b, t, s, h, hkv, d, causal, kvl, scale, dtype, seed, block_sizes=None,
-                 mosaic=None):
-    """mosaic: None (ours, Triton) or the MosaicBlockSizes of an ours_mosaic check."""
+                 mosaic=None, backward="auto"):
+    """mosaic: None (ours, Triton), True (ours_mosaic, default tiles) or MosaicBlockSizes;
+    backward: mosaic_attention's backward ("auto", "mosaic", "triton")."""
     q, k, v, do = inputs(seed, b, t, s, h, hkv, d, dtype)
     kvl_arr = None if kvl is None else jnp.asarray(kvl, jnp.int32)
     if mosaic is not None:
       ours = functools.partial(mosaic_attention, causal=causal, kv_lengths=kvl_arr,
-                               scale=scale, mosaic_block_sizes=mosaic, interpret=interp)
+                               scale=scale, backward=backward, interpret=interp,
+                               mosaic_block_sizes=None if mosaic is True else mosaic)
     else:
       ours = functools.partial(pallas_attention, causal=causal, kv_lengths=kvl_arr,
                                scale=scale, block_sizes=block_sizes, interpret=interp)
@@ -212,8 +236,11 @@ def main(argv=None):
     if run3:
       smoke_runs = [(64, True, MosaicBlockSizes()), (128, False, MosaicBlockSizes()),
                     (128, True, MosaicBlockSizes(in_place=False))] + smoke_runs
+    if run4:  # Mosaic forward + Mosaic backward, default tiles
+      smoke_runs = [(64, True, True), (128, False, True)]
     for d, causal, mbs in smoke_runs:
-      name = f"smoke {'ours_mosaic ' + str(mbs) if mbs else 'ours'} D={d} causal={causal}"
+      what = "ours" if not mbs else ("ours_mosaic" + ("" if mbs is True else f" {mbs}"))
+      name = f"smoke {what} D={d} causal={causal}"
       try:
         ok, errs, finite, tol = check_case(name, 1, 256, 256, 2, 2, d, causal, None, None,
                                            jnp.bfloat16, seed=d, mosaic=mbs)
@@ -261,6 +288,9 @@ def main(argv=None):
     runs += [("odd_gqa_causal_kvlen", jnp.bfloat16, None),
              ("bench_like_d128_causal", jnp.bfloat16, None)]
     corr_share = 0.3
+    if run4:  # bf16 everywhere (fp16 on one); D = 256 with its own default tiles
+      runs = [(n, jnp.bfloat16, None) for n in mosaic_cases]
+      runs.insert(1, ("mosaic_odd_gqa_causal_kvlen", jnp.float16, None))
   if "correctness" not in skip:
     log("=== 2. correctness vs float32 reference (rel err = max|x-ref|/max|ref|) ===")
     for i, (name, dtype, bs) in enumerate(runs):
@@ -268,7 +298,9 @@ def main(argv=None):
         log(f"SKIP correctness {name} ({jnp.dtype(dtype).name}): time budget")
         continue
       label = f"{name} {jnp.dtype(dtype).name}" + (" small_tiles" if bs else "")
-      mbs = MosaicBlockSizes() if name in mosaic_cases else None
+      # True: the per-head-dim default tiles (run 3 passed MosaicBlockSizes() here, whose
+      # block_kv = 128 does not fit shared memory at D = 256).
+      mbs = True if name in mosaic_cases else None
       try:
         ok, errs, finite, tol = check_case(name, *cases[name], dtype, seed=100 + i,
                                            block_sizes=bs, mosaic=mbs)
@@ -314,9 +346,13 @@ def main(argv=None):
   cells = []
   impls = [i for i in bench.IMPLS
            if not ((run2 or run3) and i == "xla") and not (i == "ours_mosaic" and not run3)]
+  if run4:
+    impls = ["ours_mosaic", "ours_mosaic_tbwd", "bundled_pallas", "cudnn"]
   sweep_reserve = 10 if run2 else 60  # seconds kept for later sections
   kw = dict(tokens=16384, hidden=2048, dtype_name="bf16", iters=args.iters, interpret=interp)
   main_ts, tune_t, long_t = (2048, 4096, 8192), 4096, 32768
+  if args.seq_lens:
+    main_ts = tuple(int(x) for x in args.seq_lens.split(","))
   if dry:
     kw.update(tokens=256, hidden=128, iters=2)
     main_ts, tune_t, long_t = (128,), 128, 256
@@ -359,9 +395,11 @@ def main(argv=None):
               + (f"{c.tflops:.0f} TFLOP/s" if c.tflops else f"ERROR {c.error}"))
         save()
 
-  if run3 and args.extra is False:
+  if run3 and args.extra is False and not args.seq_lens:
     args.extra = True  # run3 ends with the T = 512 / 1024 / 16384 rows while time remains
   long_impls = impls + (["xla"] if run3 else [])
+  if run4:  # XLA's T = 32768 compile fails on an 80 GB card (run 3); ours + cuDNN beside it
+    long_impls = ["ours_mosaic", "cudnn"]
   if "long" not in skip and time_left() > 45:
     log(f"=== 4. long: T={long_t}, B=1, H=16, D=128, fwd+bwd (compiled temporaries) ===")
     long_cells = bench.long_sequence_rows(long_impls, seq_len=long_t, head_dim=128, hidden=2048,
@@ -443,8 +481,9 @@ def main(argv=None):
   # --- 6. extra sequence lengths ------------------------------------------------------------
   if args.extra and "sweep" not in skip:
     log("=== 6. extra sweep rows: T in {512, 1024, 16384} ===")
-    for t in ((256,) if dry else (512, 1024, 16384)):
-      cells += bench.sweep([t], [64, 128], [False, True], ["fwd", "fwd_bwd"], impls,
+    for t in ((256,) if dry else ((512, 1024) if run4 else (512, 1024, 16384))):
+      cells += bench.sweep([t], [64, 128], [False, True], ["fwd", "fwd_bwd"],
+                           impls + (["ours"] if run4 else []),
                            deadline=deadline - 15, **kw)
       save_cells()
 
@@ -524,7 +563,8 @@ def targets(cells) -> list[str]:
          "|---|---|---|---|---|---|---|---|---|"]
   keys = sorted({(c.seq_len, c.head_dim, c.causal, c.which) for c in cells})
   for key in keys:
-    mine = [by.get(key + (n,)) for n in ("ours", "ours_tuned", "ours_mosaic")]
+    mine = [by.get(key + (n,)) for n in ("ours", "ours_tuned", "ours_mosaic",
+                                         "ours_mosaic_tbwd")]
     mine = [c.tflops for c in mine if c is not None and c.tflops]
     bundled, cudnn = by.get(key + ("bundled_pallas",)), by.get(key + ("cudnn",))
     if not mine:
@@ -538,11 +578,14 @@ def targets(cells) -> list[str]:
       need_b, need_c = 1.0, (0.8 if (t >= 4096 and d == 128) else None)
     else:
       need_b, need_c = 2.0, (0.7 if t >= 4096 else None)
-    met = (rb is None or rb >= need_b) and (need_c is None or rc is None or rc >= need_c)
+    if rb is None or (need_c is not None and rc is None):
+      met = "n/a (no baseline)"
+    else:
+      met = "yes" if rb >= need_b and (need_c is None or rc >= need_c) else "NO"
     target = f">= {need_b}x bundled" + (f", >= {need_c}x cudnn" if need_c else "")
     out.append(f"| {t} | {d} | {key[2]} | {which} | {best:.3g} | "
                f"{'-' if rb is None else f'{rb:.2f}'} | {'-' if rc is None else f'{rc:.2f}'} | "
-               f"{target} | {'yes' if met else 'NO'} |")
+               f"{target} | {met} |")
   return out
 
 

@@ -33,8 +33,9 @@ protocol, the loop ranges and the masks are the GPU's; the wgmma calls themselve
 checked by lowering the kernel for CUDA on the CPU (tests), and numerically only on a GPU.
 
 Inputs come padded from the op: T to a multiple of 2 * block_q, S to a multiple of
-block_kv, D to a multiple of 64; q is pre-multiplied by scale * log2(e), so logits come
-out of the first wgmma in base-2 units.
+block_kv, D to a multiple of 64. Each warpgroup multiplies its query tile by
+scale * log2(e) in shared memory after loading it, so logits come out of the first wgmma
+in base-2 units (no separate pass over q before the kernel).
 """
 from __future__ import annotations
 
@@ -120,19 +121,21 @@ def padded_head_dim(d: int) -> int:
 
 
 def mosaic_forward(q: jax.Array, k: jax.Array, v: jax.Array,
-                   kv_lengths: jax.Array | None = None, *, causal: bool,
+                   kv_lengths: jax.Array | None = None, *, scale: float, causal: bool,
                    causal_offset: int, static_kv_len: int | None,
                    block_sizes: MosaicBlockSizes, interpret: bool):
   """Runs the Mosaic GPU forward on padded, pre-scaled inputs.
 
   Args:
-    q: [B, Tp, H, Dp], already multiplied by scale * log2(e); k, v: [B, Sp, Hkv, Dp].
-      bf16 or fp16; Tp % (2 * block_q) == 0, Sp % block_kv == 0, Dp % 64 == 0.
+    q: [B, Tp, H, Dp]; k, v: [B, Sp, Hkv, Dp]. bf16 or fp16; Tp % (2 * block_q) == 0,
+      Sp % block_kv == 0, Dp % 64 == 0.
     kv_lengths: [B] int32 in [0, S] or None; keys j >= kv_lengths[b] are masked (each CTA
       reads its example's length from global memory; tiles past it are never loaded).
     causal, causal_offset: query r sees key j iff j <= r + causal_offset.
     static_kv_len: the true S when Sp > S and kv_lengths is None (padding keys are
       masked), else None.
+    scale: softmax scale; each warpgroup multiplies its query tile by scale * log2(e) in
+      shared memory (rounded to q's dtype), so logits leave wgmma in base-2 units.
     block_sizes: tiles (see MosaicBlockSizes).
     interpret: run in Pallas' GPU interpret mode (CPU; simulates warpgroups, barriers, TMA).
 
@@ -203,6 +206,7 @@ def mosaic_forward(q: jax.Array, k: jax.Array, v: jax.Array,
       plgpu.copy_gmem_to_smem(q_ref.at[batch, pl.ds(q_start, bq), head], q_smem,
                               q_barriers.at[wg])
       plgpu.barrier_wait(q_barriers.at[wg])
+      scale_in_smem(q_smem, scale * c.LOG2E, interpret)
 
       row_layout = plgpu.Layout.WGMMA.reduce(1)
       m_i = layout_cast(jnp.full((bq,), c.MASK_VALUE, jnp.float32), row_layout)
@@ -419,7 +423,14 @@ def races_found() -> bool:
   return bool(interpret_pallas_call.get_races().races_found)
 
 
-def prescale_query(q: jax.Array, scale: float) -> jax.Array:
-  """q * scale * log2(e) in q's dtype (what forward.py does inside its kernel)."""
-  return (q.astype(jnp.float32) * (scale * c.LOG2E)).astype(q.dtype)
+def scale_in_smem(ref, factor: float, interpret: bool):
+  """ref[...] *= factor in shared memory, rounded to ref's dtype, then made visible to wgmma.
 
+  The query (forward, dQ) or key (dK/dV) tile a warpgroup owns, multiplied once after its
+  TMA load instead of a separate XLA pass over the whole array before the kernel."""
+  if interpret:
+    x = ref[...]
+  else:
+    x = plgpu.load(ref, (), layout=plgpu.Layout.WGMMA)
+  ref[...] = (x.astype(jnp.float32) * factor).astype(ref.dtype)
+  plgpu.commit_smem()

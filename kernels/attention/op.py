@@ -8,13 +8,15 @@ Implementations (registry `IMPLEMENTATIONS`, names listed by `available_implemen
           GPU through Pallas' Triton lowering, or anywhere with interpret=True.
   xla     dense softmax(q k^T) v with float32 logits (reference.py); runs everywhere.
   cudnn   jax.nn.dot_product_attention(implementation="cudnn"): NVIDIA GPU, bf16/fp16.
-  mosaic  Hopper forward in Pallas' Mosaic GPU backend (mosaic.py: TMA, wgmma, warp
-          specialisation) with the pallas backward; bf16/fp16; anywhere
-          with interpret=True (Pallas' GPU interpreter). Not yet measured on a GPU, so
-          "auto" does not pick it.
+  mosaic  Hopper kernels in Pallas' Mosaic GPU backend (mosaic.py forward, mosaic_backward.py
+          dQ and dK/dV: TMA, wgmma, warp specialisation; head dims > 128 take the pallas
+          backward); bf16/fp16; anywhere with interpret=True (Pallas' GPU interpreter).
   triton  jax-triton kernels (triton_backend.py); needs the jax-triton package.
-"auto" picks pallas on a GPU (falling back to xla for inputs the kernel does not take) and
-xla on CPU/TPU: the interpreter runs the kernel correctly but far slower than XLA.
+"auto" picks mosaic on a Hopper GPU (compute capability 9.x) for bf16/fp16 with head dims
+<= 128 -- the case GPU runs 3-4 measured, where it was at least as fast as pallas on every
+row (NOTES.md) -- pallas on other GPUs and inputs (falling back to xla for inputs the kernel
+does not take), and xla on CPU/TPU: the interpreter runs the kernels correctly but far
+slower than XLA.
 Masking semantics are documented in reference.py (causal is bottom-right aligned).
 """
 from __future__ import annotations
@@ -30,6 +32,7 @@ import jax.numpy as jnp
 from kernels.attention import backward as bwd_kernels
 from kernels.attention import forward as fwd_kernels
 from kernels.attention import mosaic as mosaic_kernels
+from kernels.attention import mosaic_backward as mosaic_bwd
 from kernels.attention import reference
 from kernels.attention.block_sizes import BlockSizes, default_block_sizes
 from research.registry import Registry
@@ -87,8 +90,10 @@ class _PallasConfig:
   scale: float
   block_sizes: Optional[BlockSizes]  # None: per-backend default
   interpret: bool
-  forward: str = "triton"  # or "mosaic" (mosaic.py; the backward is the same)
+  forward: str = "triton"  # or "mosaic" (mosaic.py)
   mosaic_block_sizes: Optional[mosaic_kernels.MosaicBlockSizes] = None
+  backward: str = "triton"  # or "mosaic" (mosaic_backward.py; head dims <= 128)
+  mosaic_backward_block_sizes: Optional[mosaic_bwd.MosaicBackwardBlockSizes] = None
 
 
 def _padded_head_dim(d: int) -> int:
@@ -123,6 +128,10 @@ def _plan(cfg: _PallasConfig, q_shape, k_shape, dtype):
     mbs = cfg.mosaic_block_sizes or mosaic_kernels.default_mosaic_block_sizes(dp)
     q_mult = math.lcm(q_mult, mbs.q_multiple)
     kv_mult = math.lcm(kv_mult, mbs.block_kv)
+  if cfg.backward == "mosaic":
+    mbb = cfg.mosaic_backward_block_sizes or mosaic_bwd.MosaicBackwardBlockSizes()
+    q_mult = math.lcm(q_mult, mbb.q_multiple)
+    kv_mult = math.lcm(kv_mult, mbb.kv_multiple)
   return bs, mbs, _round_up(t, q_mult), _round_up(s, kv_mult), dp
 
 
@@ -146,7 +155,7 @@ def _make_pallas_attention(cfg: _PallasConfig, t: int, s: int, d: int):
     kw = _static_kwargs(cfg, t, s, sp, kv_lengths is not None, bs)
     if mbs is not None:
       out_p, lse = mosaic_kernels.mosaic_forward(
-          mosaic_kernels.prescale_query(qp, cfg.scale), kp, vp, kv_lengths, causal=cfg.causal,
+          qp, kp, vp, kv_lengths, scale=cfg.scale, causal=cfg.causal,
           causal_offset=kw["causal_offset"], static_kv_len=kw["static_kv_len"],
           block_sizes=mbs, interpret=cfg.interpret)
     else:
@@ -160,11 +169,20 @@ def _make_pallas_attention(cfg: _PallasConfig, t: int, s: int, d: int):
     kw = _static_kwargs(cfg, t, s, sp, kv_lengths is not None, bs)
     dout_p = _pad_to(dout.astype(out_p.dtype), tp, dp)
     # Padded query rows have dout == 0, hence delta == 0 and dS == 0: they add nothing.
+    kv_ct = None if kv_lengths is None else jnp.zeros(kv_lengths.shape, jax.dtypes.float0)
+    if cfg.backward == "mosaic":
+      dq, dk, dv = mosaic_bwd.mosaic_backward(
+          qp, kp, vp, out_p, dout_p, lse,
+          kv_lengths, scale=cfg.scale, causal=cfg.causal, causal_offset=kw["causal_offset"],
+          static_kv_len=kw["static_kv_len"],
+          block_sizes=(cfg.mosaic_backward_block_sizes
+                       or mosaic_bwd.MosaicBackwardBlockSizes()),
+          interpret=cfg.interpret)
+      return dq[:, :t, :, :d], dk[:, :s, :, :d], dv[:, :s, :, :d], kv_ct
     delta = bwd_kernels.flash_delta(out_p, dout_p, block_q=bs.block_q_dq,
                                     interpret=cfg.interpret)
     dk, dv = bwd_kernels.flash_dkdv(qp, kp, vp, dout_p, lse, delta, kv_lengths, **kw)
     dq = bwd_kernels.flash_dq(qp, kp, vp, dout_p, lse, delta, kv_lengths, **kw)
-    kv_ct = None if kv_lengths is None else jnp.zeros(kv_lengths.shape, jax.dtypes.float0)
     return dq[:, :t, :, :d], dk[:, :s, :, :d], dv[:, :s, :, :d], kv_ct
 
   attn.defvjp(fwd, bwd)
@@ -205,19 +223,34 @@ def mosaic_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, causal: bool =
                      kv_lengths: jax.Array | None = None, scale: float | None = None,
                      block_sizes: BlockSizes | None = None,
                      mosaic_block_sizes: mosaic_kernels.MosaicBlockSizes | None = None,
+                     backward: str = "auto",
+                     mosaic_backward_block_sizes: (
+                         mosaic_bwd.MosaicBackwardBlockSizes | None) = None,
                      interpret: bool = False) -> jax.Array:
-  """Attention with the Mosaic GPU (Hopper) forward and the Pallas backward kernels.
+  """Attention with the Mosaic GPU (Hopper) kernels.
 
-  Same arguments and semantics as `pallas_attention`; bf16/fp16 only. `block_sizes`
-  are the backward's tiles, `mosaic_block_sizes` the forward's (None: defaults).
-  `interpret=True` runs the forward in Pallas' GPU interpreter (see mosaic.py for what it
-  checks) and the backward in the Pallas interpreter.
+  Same arguments and semantics as `pallas_attention`; bf16/fp16 only. The forward is
+  mosaic.py's; `backward` picks the gradient kernels: "mosaic" (mosaic_backward.py, head
+  dims <= 128), "triton" (backward.py, tiles `block_sizes`), or "auto" (mosaic up to head
+  dim 128, triton above). `mosaic_block_sizes` / `mosaic_backward_block_sizes` are the
+  Mosaic tiles (None: defaults). `interpret=True` runs the Mosaic kernels in Pallas' GPU
+  interpreter (see mosaic.py for what it checks) and the Triton ones in the Pallas one.
   """
   if jnp.dtype(q.dtype) not in _HALF_DTYPES:
     raise ValueError(f"dtype {q.dtype}: the Mosaic GPU kernel takes bfloat16 or float16.")
+  if backward not in ("auto", "mosaic", "triton"):
+    raise ValueError(f"backward={backward!r}; allowed: 'auto', 'mosaic', 'triton'.")
+  dp = mosaic_kernels.padded_head_dim(q.shape[-1])
+  if backward == "auto":
+    backward = "mosaic" if dp <= mosaic_bwd.MAX_HEAD_DIM else "triton"
+  elif backward == "mosaic" and dp > mosaic_bwd.MAX_HEAD_DIM:
+    raise ValueError(f"backward='mosaic' at head_dim={q.shape[-1]}: the Mosaic backward "
+                     f"supports head dims up to {mosaic_bwd.MAX_HEAD_DIM}; use 'triton'.")
   return _flash_attention(q, k, v, causal=causal, kv_lengths=kv_lengths, scale=scale,
                           block_sizes=block_sizes, interpret=interpret, kernel="Mosaic GPU",
-                          forward="mosaic", mosaic_block_sizes=mosaic_block_sizes)
+                          forward="mosaic", mosaic_block_sizes=mosaic_block_sizes,
+                          backward=backward,
+                          mosaic_backward_block_sizes=mosaic_backward_block_sizes)
 
 
 # --- Validation -------------------------------------------------------------------------------
@@ -351,7 +384,12 @@ register_implementation(Implementation("triton", _triton_fn, _triton_reason))
 
 
 def _auto(spec: AttentionSpec) -> str:
-  if spec.backend == "gpu" and _pallas_reason(spec) is None:
+  if spec.backend != "gpu":
+    return "xla"
+  if (spec.head_dim <= mosaic_bwd.MAX_HEAD_DIM and not spec.interpret
+      and _mosaic_reason(spec) is None):
+    return "mosaic"  # Hopper, bf16/fp16, D <= 128: measured (GPU runs 3-4)
+  if _pallas_reason(spec) is None:
     return "pallas"
   return "xla"
 

@@ -1,6 +1,7 @@
-"""Mosaic GPU (Hopper) forward, without a GPU: Pallas' GPU interpreter + CUDA lowering.
+"""Mosaic GPU (Hopper) kernels, without a GPU: Pallas' GPU interpreter + CUDA lowering.
 
-The interpreter runs the kernel's three warpgroups as threads with simulated barriers, TMA
+The forward (mosaic.py) and the dQ and dK/dV kernels (mosaic_backward.py) are checked. The
+interpreter runs each kernel's three warpgroups as threads with simulated barriers, TMA
 copies and shared memory (it fails on a barrier phase some waiter never observed, and its
 race detector reports shared-memory reads that may overlap a write), so the pipeline
 protocol, the loop ranges and the masks are checked against the float32 reference on fresh
@@ -21,6 +22,7 @@ import pytest
 from kernels.attention import (BlockSizes, MosaicBlockSizes, default_mosaic_block_sizes,
                                dot_product_attention, mha_reference, mosaic_attention)
 from kernels.attention.mosaic import races_found
+from kernels.attention.mosaic_backward import MosaicBackwardBlockSizes
 
 FAST_COMPILE = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
 # Smallest legal Mosaic tiles: a CTA is 2 x 64 query rows, keys stream 64 at a time through a
@@ -51,7 +53,7 @@ CASES = {
 
 
 @functools.lru_cache(maxsize=None)
-def _run(name, dtype=jnp.bfloat16, seed=0):
+def _run(name, dtype=jnp.bfloat16, seed=0, backward="mosaic"):
   b, t, s, h, hkv, d, causal, kvl, scale = CASES[name]
   kvl = None if kvl is None else jnp.asarray(kvl, jnp.int32)
   ks = jax.random.split(jax.random.PRNGKey(seed), 4)
@@ -68,7 +70,7 @@ def _run(name, dtype=jnp.bfloat16, seed=0):
 
   ours = functools.partial(mosaic_attention, causal=causal, kv_lengths=kvl, scale=scale,
                            block_sizes=BWD_TILES, mosaic_block_sizes=MOSAIC_TILES,
-                           interpret=True)
+                           backward=backward, interpret=True)
   ref = functools.partial(mha_reference, causal=causal, kv_lengths=kvl, scale=scale)
   # Op by op, not under one jit: with the forward's GPU interpreter and the backward in one
   # XLA:CPU program, the interpreter's simulated warpgroups deadlocked (jax 0.10.2, 2 cores);
@@ -78,9 +80,10 @@ def _run(name, dtype=jnp.bfloat16, seed=0):
   return got, want
 
 
-@pytest.mark.parametrize("name", list(CASES))
-def test_mosaic_forward_and_gradients_match_float32_reference(name):
-  got, want = _run(name)
+@pytest.mark.parametrize("name,backward", [(n, "mosaic") for n in CASES]
+                         + [("odd_gqa_causal_kvlen", "triton")])
+def test_mosaic_forward_and_gradients_match_float32_reference(name, backward):
+  got, want = _run(name, backward=backward)
   assert not races_found()  # the interpreter's race detector watched the whole pipeline
   for label, x, r in zip(("out", "dq", "dk", "dv"), got, want):
     assert x.dtype == jnp.bfloat16
@@ -127,6 +130,13 @@ def test_mosaic_refusals_are_clear():
     MosaicBlockSizes(block_kv=96)
   with pytest.raises(ValueError, match="num_stages=1"):
     MosaicBlockSizes(num_stages=1)
+  z = jnp.zeros((1, 8, 1, 256), jnp.bfloat16)
+  with pytest.raises(ValueError, match="backward='mosaic' at head_dim=256.*'triton'"):
+    mosaic_attention(z, z, z, backward="mosaic", interpret=True)
+  with pytest.raises(ValueError, match="backward='cudnn'; allowed"):
+    mosaic_attention(q, q, q, backward="cudnn", interpret=True)
+  with pytest.raises(ValueError, match="MosaicBackwardBlockSizes.block_q=32"):
+    MosaicBackwardBlockSizes(block_q=32)
 
 
 def test_mosaic_defaults_fit_hopper_shared_memory():
@@ -146,7 +156,8 @@ def test_mosaic_defaults_fit_hopper_shared_memory():
     (jnp.bfloat16, 256, False, 8, True, False),  # widest head, key padding
 ])
 def test_mosaic_kernel_lowers_for_cuda(dtype, d, causal, hkv, in_place, kvl):
-  """Cross-lowers the wgmma kernel (+ the Triton backward) for CUDA on this CPU machine."""
+  """Cross-lowers the wgmma kernels for CUDA on this CPU machine: the forward, and the
+  Mosaic dQ and dK/dV kernels up to head dim 128 (above: the Triton backward)."""
   b, t, s, h = 1, 200, 300, 8
   qa = jax.ShapeDtypeStruct((b, t, h, d), dtype)
   ka = jax.ShapeDtypeStruct((b, s, hkv, d), dtype)
@@ -160,6 +171,29 @@ def test_mosaic_kernel_lowers_for_cuda(dtype, d, causal, hkv, in_place, kvl):
     return out, vjp(out)
 
   text = jax.jit(f).trace(qa, ka, ka, kva).lower(lowering_platforms=("cuda",)).as_text()
-  assert "mosaic_gpu" in text
-  for name in ("flash_attention_delta", "flash_attention_dkdv", "flash_attention_dq"):
-    assert f'name = "{name}"' in text, name
+  mosaic_calls = text.count("custom_call @mosaic_gpu")
+  triton_names = [n for n in ("flash_attention_delta", "flash_attention_dkdv",
+                              "flash_attention_dq") if f'name = "{n}"' in text]
+  if d <= 128:
+    assert mosaic_calls == 3 and not triton_names, (mosaic_calls, triton_names)
+  else:
+    assert mosaic_calls == 1 and len(triton_names) == 3, (mosaic_calls, triton_names)
+
+
+def test_auto_picks_mosaic_only_where_measured(monkeypatch):
+  """auto: mosaic on Hopper for bf16/fp16 up to head dim 128 (GPU runs 3-4), else pallas."""
+  from kernels.attention import op
+
+  def spec(dtype=jnp.bfloat16, d=128, backend="gpu"):
+    return op.AttentionSpec(batch=2, q_len=512, kv_len=512, num_heads=8, num_kv_heads=8,
+                            head_dim=d, dtype=jnp.dtype(dtype), causal=True,
+                            has_kv_lengths=False, interpret=False, backend=backend)
+
+  monkeypatch.setattr(op, "_is_hopper", lambda: True)
+  assert op._auto(spec()) == "mosaic"
+  assert op._auto(spec(jnp.float16, 40)) == "mosaic"
+  assert op._auto(spec(jnp.float32)) == "pallas"  # Mosaic kernels take half precision only
+  assert op._auto(spec(d=256)) == "pallas"  # Mosaic forward at D = 256 is untimed
+  assert op._auto(spec(backend="cpu")) == "xla"
+  monkeypatch.setattr(op, "_is_hopper", lambda: False)  # e.g. an A100
+  assert op._auto(spec()) == "pallas"
