@@ -177,19 +177,10 @@ def mosaic_forward(q: jax.Array, k: jax.Array, v: jax.Array,
     q_smem2, k_smem, v_smem, lse_smem2 = smem
     k_barriers, v_barriers, q_barriers = buffer_barriers
     k_consumed, v_consumed = consumed_barriers
-    batch = lax.axis_index("batch")
-    head = lax.axis_index("heads")
-    # None (no key mask), the static true S, or this example's loaded length.
-    kv_len = kvlen_ref[batch] if has_kv_lengths else static_kv_len
-    ranges = lambda q_start, rows: c.kv_block_ranges(
-        q_start, rows, bkv, num_kv_blocks, causal=causal, causal_offset=causal_offset,
-        kv_len=kv_len)
-    wg = lax.axis_index(_WG_AXIS)
-    tile = c.query_tile(lax.axis_index("q_seq"), num_q_tiles, causal)
-    cta_q_start = tile * (2 * bq)
-    # Key tiles the memory warpgroup streams: the union of both compute warpgroups' needs
-    # (the second one holds the later rows, which see at least as many keys).
-    _, cta_steps = ranges(cta_q_start, 2 * bq)
+    batch, head, wg, kv_len, ranges, cta_q_start, cta_steps = query_cta(
+        kvlen_ref if has_kv_lengths else None, static_kv_len, bq=bq, bkv=bkv,
+        num_kv_blocks=num_kv_blocks, num_q_tiles=num_q_tiles, causal=causal,
+        causal_offset=causal_offset)
 
     def schedule_barrier_sync():
       plgpu.barrier_arrive(schedule_barrier)
@@ -322,32 +313,12 @@ def mosaic_forward(q: jax.Array, k: jax.Array, v: jax.Array,
     def _memory():
       plgpu.set_max_registers(40, action="decrease")
       kv_head = lax.div(head, jnp.array(groups, head.dtype))
-
-      def issue(step, slot):
-        src = (batch, pl.ds(step * bkv, bkv), kv_head)
-        plgpu.copy_gmem_to_smem(k_ref.at[src], k_smem.at[slot], k_barriers.at[slot])
-        plgpu.copy_gmem_to_smem(v_ref.at[src], v_smem.at[slot], v_barriers.at[slot])
-
-      for i in range(stages):
-        pl.when(i < cta_steps)(functools.partial(issue, i, i))
-
-      @pl.loop(0, jnp.maximum(cta_steps - stages, 0))
-      def _(i):
-        step = i + stages
-        slot = lax.rem(i, jnp.array(stages, i.dtype))
-        src = (batch, pl.ds(step * bkv, bkv), kv_head)
-        plgpu.barrier_wait(k_consumed.at[slot])
-        plgpu.copy_gmem_to_smem(k_ref.at[src], k_smem.at[slot], k_barriers.at[slot])
-        plgpu.barrier_wait(v_consumed.at[slot])
-        plgpu.copy_gmem_to_smem(v_ref.at[src], v_smem.at[slot], v_barriers.at[slot])
-
-      # Drain: observe the releases of the last tiles too (every barrier phase is waited
-      # for by each warpgroup that waits on the barrier at all; the interpreter checks it).
-      @pl.loop(jnp.maximum(cta_steps - stages, 0), cta_steps)
-      def _(i):
-        slot = lax.rem(i, jnp.array(stages, i.dtype))
-        plgpu.barrier_wait(k_consumed.at[slot])
-        plgpu.barrier_wait(v_consumed.at[slot])
+      src = lambda step: (batch, pl.ds(step * bkv, bkv), kv_head)
+      stream_tiles(cta_steps, stages, [
+          (lambda step, slot: plgpu.copy_gmem_to_smem(k_ref.at[src(step)], k_smem.at[slot],
+                                                      k_barriers.at[slot]), k_consumed),
+          (lambda step, slot: plgpu.copy_gmem_to_smem(v_ref.at[src(step)], v_smem.at[slot],
+                                                      v_barriers.at[slot]), v_consumed)])
 
   def entry(*refs):
     kvlen_ref, (q_ref, k_ref, v_ref, out_ref, lse_ref) = (
@@ -389,6 +360,57 @@ def mosaic_forward(q: jax.Array, k: jax.Array, v: jax.Array,
       **kwargs,
   )(*((kv_lengths,) if has_kv_lengths else ()), q, k, v)
   return out, lse
+
+
+def query_cta(kvlen_ref, static_kv_len, *, bq, bkv, num_kv_blocks, num_q_tiles, causal,
+              causal_offset):
+  """What a query-tiled CTA (forward, dQ kernel) knows about itself, inside the kernel.
+
+  Returns (batch, head, wg, kv_len, ranges, cta_q_start, cta_steps): kv_len is None (no key
+  mask), the static true S, or this example's length loaded from `kvlen_ref`;
+  `ranges(q_start, rows)` the (unmasked, masked) key-tile ranges of a row block; cta_steps
+  the key tiles the memory warpgroup streams, the union of both compute warpgroups' needs
+  (the second one holds the later rows, which see at least as many keys). Causal grids visit
+  query tiles heaviest first.
+  """
+  batch, head = lax.axis_index("batch"), lax.axis_index("heads")
+  kv_len = kvlen_ref[batch] if kvlen_ref is not None else static_kv_len
+  ranges = lambda q_start, rows: c.kv_block_ranges(
+      q_start, rows, bkv, num_kv_blocks, causal=causal, causal_offset=causal_offset,
+      kv_len=kv_len)
+  tile = c.query_tile(lax.axis_index("q_seq"), num_q_tiles, causal)
+  cta_q_start = tile * (2 * bq)
+  _, cta_steps = ranges(cta_q_start, 2 * bq)
+  return batch, head, lax.axis_index(_WG_AXIS), kv_len, ranges, cta_q_start, cta_steps
+
+
+def stream_tiles(num_steps, stages: int, loads):
+  """Memory warpgroup: stream `num_steps` tiles through a ring of `stages` slots (the
+  forward's K/V tiles, the dQ kernel's K/V tiles, the dK/dV kernel's Q/dO/lse/delta tiles).
+
+  `loads` is a list of (issue(step, slot), consumed barrier ring): a slot is refilled once
+  both compute warpgroups have released it; at the end the last releases are observed too
+  (the GPU interpreter checks that every barrier phase is waited for).
+  """
+  def issue_all(step, slot):
+    for issue, _ in loads:
+      issue(step, slot)
+
+  for i in range(stages):
+    pl.when(i < num_steps)(functools.partial(issue_all, i, i))
+
+  @pl.loop(0, jnp.maximum(num_steps - stages, 0))
+  def _(i):
+    slot = lax.rem(i, jnp.array(stages, i.dtype))
+    for issue, consumed in loads:
+      plgpu.barrier_wait(consumed.at[slot])
+      issue(i + stages, slot)
+
+  @pl.loop(jnp.maximum(num_steps - stages, 0), num_steps)
+  def _(i):
+    slot = lax.rem(i, jnp.array(stages, i.dtype))
+    for _, consumed in loads:
+      plgpu.barrier_wait(consumed.at[slot])
 
 
 def _refuse_miscompiling_ptxas():

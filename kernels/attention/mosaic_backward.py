@@ -100,34 +100,6 @@ def _layouts(interpret: bool):
           (lambda ref, dim: plgpu.load(ref, (), layout=plgpu.Layout.WGMMA.reduce(dim))))
 
 
-def _produce(num_steps, stages: int, loads):
-  """Memory warpgroup: stream `num_steps` tiles through a ring of `stages` slots.
-
-  `loads` is a list of (issue(step, slot), consumed barrier ring): a slot is refilled once
-  both compute warpgroups have released it; at the end the last releases are observed too
-  (the GPU interpreter checks that every barrier phase is waited for).
-  """
-  def issue_all(step, slot):
-    for issue, _ in loads:
-      issue(step, slot)
-
-  for i in range(stages):
-    pl.when(i < num_steps)(functools.partial(issue_all, i, i))
-
-  @pl.loop(0, jnp.maximum(num_steps - stages, 0))
-  def _(i):
-    slot = lax.rem(i, jnp.array(stages, i.dtype))
-    for issue, consumed in loads:
-      plgpu.barrier_wait(consumed.at[slot])
-      issue(i + stages, slot)
-
-  @pl.loop(jnp.maximum(num_steps - stages, 0), num_steps)
-  def _(i):
-    slot = lax.rem(i, jnp.array(stages, i.dtype))
-    for _, consumed in loads:
-      plgpu.barrier_wait(consumed.at[slot])
-
-
 def _tma(src, dst, barrier):
   plgpu.copy_gmem_to_smem(src, dst, barrier)
 
@@ -195,15 +167,10 @@ def _dq(q, k, v, dout, lse, delta, kv_lengths, *, scale, causal, causal_offset,
     q_bar, do_bar, lse_bar, delta_bar = own_barriers
     k_bar, v_bar = ring_barriers
     k_consumed, v_consumed = consumed
-    batch, head = lax.axis_index("batch"), lax.axis_index("heads")
-    kv_len = kvlen_ref[batch] if has_kv_lengths else static_kv_len
-    ranges = lambda q_start, rows: c.kv_block_ranges(
-        q_start, rows, bkv, num_kv_blocks, causal=causal, causal_offset=causal_offset,
-        kv_len=kv_len)
-    wg = lax.axis_index(_WG_AXIS)
-    tile = c.query_tile(lax.axis_index("q_seq"), num_q_tiles, causal)
-    cta_q_start = tile * (2 * bq)
-    _, cta_steps = ranges(cta_q_start, 2 * bq)  # the later rows see at least as many keys
+    batch, head, wg, kv_len, ranges, cta_q_start, cta_steps = fwd.query_cta(
+        kvlen_ref if has_kv_lengths else None, static_kv_len, bq=bq, bkv=bkv,
+        num_kv_blocks=num_kv_blocks, num_q_tiles=num_q_tiles, causal=causal,
+        causal_offset=causal_offset)
 
     @pl.when(wg < _COMPUTE_WGS)
     def _compute():
@@ -279,7 +246,7 @@ def _dq(q, k, v, dout, lse, delta, kv_lengths, *, scale, causal, causal_offset,
       plgpu.set_max_registers(40, action="decrease")
       kv_head = lax.div(head, jnp.array(groups, head.dtype))
       src = lambda i: (batch, pl.ds(i * bkv, bkv), kv_head)
-      _produce(cta_steps, stages, [
+      fwd.stream_tiles(cta_steps, stages, [
           (lambda i, slot: _tma(k_ref.at[src(i)], k_smem.at[slot], k_bar.at[slot]),
            k_consumed),
           (lambda i, slot: _tma(v_ref.at[src(i)], v_smem.at[slot], v_bar.at[slot]),
@@ -446,7 +413,7 @@ def _dkv(q, k, v, dout, lse, delta, kv_lengths, *, scale, causal, causal_offset,
           _tma(ref.at[batch, qh, pl.ds(r0, bq)], ring.at[slot], bar.at[slot])
         return issue
 
-      _produce(num_steps, stages, [
+      fwd.stream_tiles(num_steps, stages, [
           (rows(q_ref, q_ring, q_bar), q_consumed),
           (vec(lse_ref, lse_ring, lse_bar), lse_consumed),
           (rows(do_ref, do_ring, do_bar), do_consumed),
