@@ -82,10 +82,41 @@ class MosaicBackwardBlockSizes:
   def kv_multiple(self) -> int:
     return 2 * self.block_kv
 
+  def shared_memory_bytes(self, head_dim: int, itemsize: int = 2) -> int:
+    """The larger of the two kernels' shared memory (+ 4 KiB for barriers and Mosaic's own)."""
+    bq, bkv, st, d = self.block_q, self.block_kv, self.num_stages, head_dim
+    dq = 2 * _COMPUTE_WGS * bq * d * itemsize + 2 * _COMPUTE_WGS * bq * 4 \
+        + 2 * st * bkv * d * itemsize
+    dkv = 2 * _COMPUTE_WGS * bkv * d * itemsize + 2 * st * bq * d * itemsize + 2 * st * bq * 4
+    return max(dq, dkv) + 4096
+
+  def accumulator_registers(self, head_dim: int) -> int:
+    """float32 tile registers per thread of a compute warpgroup (128 threads), the larger
+    kernel's: dK/dV holds dK, dV [block_kv, D] and S^T, dP^T [block_kv, block_q]; dQ holds
+    dQ [block_q, D] and S, dP [block_q, block_kv]."""
+    bq, bkv = self.block_q, self.block_kv
+    return max(2 * bkv * head_dim + 2 * bkv * bq, bq * head_dim + 2 * bq * bkv) // 128
+
+  def check_fits(self, head_dim: int):
+    """Clear errors for tiles that cannot compile (shared memory) or would not fit the
+    232 registers a compute-warpgroup thread gets (the default tiles use 192 at D = 128; the
+    rest goes to addresses, bf16 copies and the row vectors)."""
+    smem = self.shared_memory_bytes(head_dim)
+    if smem > fwd.MAX_SHARED_MEMORY_BYTES:
+      raise ValueError(f"{self} at head dim {head_dim} needs {smem} bytes of shared memory; a "
+                       f"Hopper CTA has {fwd.MAX_SHARED_MEMORY_BYTES}. Use smaller tiles or "
+                       f"fewer stages.")
+    regs = self.accumulator_registers(head_dim)
+    if regs > MAX_ACCUMULATOR_REGISTERS:
+      raise ValueError(f"{self} at head dim {head_dim} needs {regs} float32 accumulator "
+                       f"registers per thread; allowed: <= {MAX_ACCUMULATOR_REGISTERS} "
+                       f"(e.g. block_q = block_kv = 64).")
+
 
 # Two float32 accumulators (dK and dV, or dQ and the S/dP tiles) per compute warpgroup: at a
 # padded head dim of 256 they no longer fit the 232 registers a thread may hold.
 MAX_HEAD_DIM = 128
+MAX_ACCUMULATOR_REGISTERS = 192
 
 
 def _layouts(interpret: bool):
@@ -127,6 +158,7 @@ def mosaic_backward(q, k, v, out, dout, lse, kv_lengths=None, *, scale: float, c
   if tp % (2 * bq) or sp % (2 * bkv) or dp % 64 or dp > MAX_HEAD_DIM:
     raise ValueError(f"mosaic_backward needs Tp % {2 * bq} == 0, Sp % {2 * bkv} == 0 and a "
                      f"head dim of 64 or 128; got q {q.shape}, k {k.shape}.")
+  block_sizes.check_fits(dp)
   if not interpret and causal:
     fwd._refuse_miscompiling_ptxas()
   # delta = rowsum(out * dout): one fused XLA pass over out and dout.
@@ -283,7 +315,7 @@ def _dkv(q, k, v, dout, lse, delta, kv_lengths, *, scale, causal, causal_offset,
   num_q_blocks, num_kv_tiles = tp // bq, sp // (2 * bkv)
   layout_cast, iota, load_vec = _layouts(interpret)
   has_kv_lengths = kv_lengths is not None
-  stages = block_sizes.num_stages
+  stages = min(block_sizes.num_stages, groups * num_q_blocks)  # the most steps a CTA has
 
   def kernel(kvlen_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dk_ref, dv_ref,
              scoped):

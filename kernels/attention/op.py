@@ -247,6 +247,8 @@ def mosaic_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, causal: bool =
   elif backward == "mosaic" and dp > mosaic_bwd.MAX_HEAD_DIM:
     raise ValueError(f"backward='mosaic' at head_dim={q.shape[-1]}: the Mosaic backward "
                      f"supports head dims up to {mosaic_bwd.MAX_HEAD_DIM}; use 'triton'.")
+  if backward == "mosaic":  # refuse tiles that cannot compile before tracing anything
+    (mosaic_backward_block_sizes or mosaic_bwd.MosaicBackwardBlockSizes()).check_fits(dp)
   return _flash_attention(q, k, v, causal=causal, kv_lengths=kv_lengths, scale=scale,
                           block_sizes=block_sizes, interpret=interpret, kernel="Mosaic GPU",
                           forward="mosaic", mosaic_block_sizes=mosaic_block_sizes,

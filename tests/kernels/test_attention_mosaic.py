@@ -49,7 +49,12 @@ CASES = {
     "causal_t_gt_s_mqa": (2, 100, 37, 2, 1, 96, True, None, None),
     # No causal mask: unmasked tiles then the padding tile; MHA, D=72, explicit scale.
     "noncausal_mha": (1, 200, 150, 2, 2, 72, False, None, 0.3),
+    # Backward tiles block_q=128 != block_kv=64 with 3 stages (WIDE_BWD_TILES), causal GQA 4:2:
+    # the dK/dV CTA for keys 128..255 starts at query block 1 and streams 2 blocks x 2 query
+    # heads through 3 slots, so the ring wraps across query heads.
+    "causal_gqa_wide_bwd_tiles": (1, 384, 384, 4, 2, 64, True, None, None),
 }
+WIDE_BWD_TILES = MosaicBackwardBlockSizes(block_q=128, block_kv=64, num_stages=3)
 
 
 @functools.lru_cache(maxsize=None)
@@ -70,7 +75,9 @@ def _run(name, dtype=jnp.bfloat16, seed=0, backward="mosaic"):
 
   ours = functools.partial(mosaic_attention, causal=causal, kv_lengths=kvl, scale=scale,
                            block_sizes=BWD_TILES, mosaic_block_sizes=MOSAIC_TILES,
-                           backward=backward, interpret=True)
+                           backward=backward, interpret=True,
+                           mosaic_backward_block_sizes=(
+                               WIDE_BWD_TILES if name == "causal_gqa_wide_bwd_tiles" else None))
   ref = functools.partial(mha_reference, causal=causal, kv_lengths=kvl, scale=scale)
   # Op by op, not under one jit: with the forward's GPU interpreter and the backward in one
   # XLA:CPU program, the interpreter's simulated warpgroups deadlocked (jax 0.10.2, 2 cores);
@@ -137,6 +144,15 @@ def test_mosaic_refusals_are_clear():
     mosaic_attention(q, q, q, backward="cudnn", interpret=True)
   with pytest.raises(ValueError, match="MosaicBackwardBlockSizes.block_q=32"):
     MosaicBackwardBlockSizes(block_q=32)
+  # Tiles that cannot compile (shared memory) or would spill (registers) are refused up front.
+  y = jnp.zeros((1, 8, 1, 128), jnp.bfloat16)
+  with pytest.raises(ValueError, match="needs 269312 bytes of shared memory"):
+    mosaic_attention(y, y, y, interpret=True,
+                     mosaic_backward_block_sizes=MosaicBackwardBlockSizes(128, 64, 3))
+  with pytest.raises(ValueError, match="384 float32 accumulator registers.*<= 192"):
+    jax.grad(lambda q: mosaic_attention(
+        q, y, y, interpret=True,
+        mosaic_backward_block_sizes=MosaicBackwardBlockSizes(64, 128, 2)).sum())(y)
 
 
 def test_mosaic_defaults_fit_hopper_shared_memory():
