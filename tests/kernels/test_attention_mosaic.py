@@ -40,19 +40,19 @@ def _rel(x, ref) -> float:
 
 # name: (B, T, S, H, Hkv, D, causal, kv_lengths, scale)
 CASES = {
-    # T != S, D=40 (padded to 64), GQA 4:2, causal with offset S - T = 53, kv_lengths
+    # T != S, D=40 (padded to 64), GQA 2:1, causal with offset S - T = 53, kv_lengths
     # (0, 97): example 0 attends to nothing (no key tile is even loaded), example 1 has
     # warpgroup 0 needing 2 key tiles and warpgroup 1 all of its 2 (cut by the length).
-    "odd_gqa_causal_kvlen": (2, 77, 130, 4, 2, 40, True, (0, 97), None),
+    "odd_gqa_causal_kvlen": (2, 77, 130, 2, 1, 40, True, (0, 97), None),
     # More queries than keys (rows 0..62 see nothing), MQA, D=96 (-> 128), two examples;
     # no kv_lengths: the causal diagonal and the static key padding 37 -> 64.
     "causal_t_gt_s_mqa": (2, 100, 37, 2, 1, 96, True, None, None),
     # No causal mask: unmasked tiles then the padding tile; MHA, D=72, explicit scale.
     "noncausal_mha": (1, 200, 150, 2, 2, 72, False, None, 0.3),
-    # Backward tiles block_q=128 != block_kv=64 with 3 stages (WIDE_BWD_TILES), causal GQA 4:2:
+    # Backward tiles block_q=128 != block_kv=64 with 3 stages (WIDE_BWD_TILES), causal GQA 2:1:
     # the dK/dV CTA for keys 128..255 starts at query block 1 and streams 2 blocks x 2 query
     # heads through 3 slots, so the ring wraps across query heads.
-    "causal_gqa_wide_bwd_tiles": (1, 384, 384, 4, 2, 64, True, None, None),
+    "causal_gqa_wide_bwd_tiles": (1, 384, 384, 2, 1, 64, True, None, None),
 }
 WIDE_BWD_TILES = MosaicBackwardBlockSizes(block_q=128, block_kv=64, num_stages=3)
 
@@ -96,19 +96,18 @@ def test_mosaic_forward_and_gradients_match_float32_reference(name, backward):
     assert x.dtype == jnp.bfloat16
     assert np.all(np.isfinite(np.asarray(x, np.float32))), f"{label} has NaN/inf"
     assert _rel(x, r) < 2e-2, (name, label, _rel(x, r))
-
-
-def test_mosaic_rows_without_keys_are_zero():
-  got, _ = _run("causal_t_gt_s_mqa")
-  out, dq = (np.asarray(x, np.float32) for x in got[:2])
-  empty = 100 - 37  # causal, bottom-right: row r sees keys j <= r - 63
-  assert np.all(out[:, :empty] == 0.0) and np.all(dq[:, :empty] == 0.0)
-  assert np.all(np.abs(out[:, empty:]).max(axis=(-1, -2)) > 0)
-  # kv_lengths: example 0 has no keys at all; example 1's keys >= 97 get no gradient.
-  out, dq, dk, dv = (np.asarray(x, np.float32) for x in _run("odd_gqa_causal_kvlen")[0])
-  assert np.all(out[0] == 0.0) and np.all(dq[0] == 0.0)
-  assert np.all(dk[0] == 0.0) and np.all(dv[0] == 0.0)
-  assert np.all(dk[1, 97:] == 0.0) and np.all(dv[1, 97:] == 0.0)
+  # Rows with nothing to attend to are exactly zero (checked here, on the same run: each
+  # interpreted case costs a minute or more on a 2-core machine).
+  out, dq, dk, dv = (np.asarray(x, np.float32) for x in got)
+  if name == "causal_t_gt_s_mqa":
+    empty = 100 - 37  # causal, bottom-right: row r sees keys j <= r - 63
+    assert np.all(out[:, :empty] == 0.0) and np.all(dq[:, :empty] == 0.0)
+    assert np.all(np.abs(out[:, empty:]).max(axis=(-1, -2)) > 0)
+  if name == "odd_gqa_causal_kvlen":
+    # kv_lengths: example 0 has no keys at all; example 1's keys >= 97 get no gradient.
+    assert np.all(out[0] == 0.0) and np.all(dq[0] == 0.0)
+    assert np.all(dk[0] == 0.0) and np.all(dv[0] == 0.0)
+    assert np.all(dk[1, 97:] == 0.0) and np.all(dv[1, 97:] == 0.0)
 
 
 def test_mosaic_fp16_and_op_dispatch():
