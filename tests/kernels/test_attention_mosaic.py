@@ -49,10 +49,10 @@ CASES = {
     "causal_t_gt_s_mqa": (2, 100, 37, 2, 1, 96, True, None, None),
     # No causal mask: unmasked tiles then the padding tile; MHA, D=72, explicit scale.
     "noncausal_mha": (1, 200, 150, 2, 2, 72, False, None, 0.3),
-    # Backward tiles block_q=128 != block_kv=64 with 3 stages (WIDE_BWD_TILES), causal GQA 2:1:
-    # the dK/dV CTA for keys 128..255 starts at query block 1 and streams 2 blocks x 2 query
-    # heads through 3 slots, so the ring wraps across query heads.
-    "causal_gqa_wide_bwd_tiles": (1, 384, 384, 2, 1, 64, True, None, None),
+    # Backward tiles block_q=128 != block_kv=64 with 3 stages (WIDE_BWD_TILES), causal GQA
+    # 4:1: the dK/dV CTA for keys 128..255 starts at query block 1 and streams 1 block x 4
+    # query heads through 3 slots, so the ring wraps across query heads.
+    "causal_gqa_wide_bwd_tiles": (1, 256, 256, 4, 1, 64, True, None, None),
 }
 WIDE_BWD_TILES = MosaicBackwardBlockSizes(block_q=128, block_kv=64, num_stages=3)
 
