@@ -94,6 +94,7 @@ class _PallasConfig:
   forward: str = "triton"  # or "mosaic" (mosaic.py)
   mosaic_block_sizes: Optional[mosaic_kernels.MosaicBlockSizes] = None
   backward: str = "triton"  # or "mosaic" (mosaic_backward.py; head dims <= 128)
+  # Set (by mosaic_attention) whenever backward == "mosaic".
   mosaic_backward_block_sizes: Optional[mosaic_bwd.MosaicBackwardBlockSizes] = None
 
 
@@ -130,7 +131,7 @@ def _plan(cfg: _PallasConfig, q_shape, k_shape, dtype):
     q_mult = math.lcm(q_mult, mbs.q_multiple)
     kv_mult = math.lcm(kv_mult, mbs.block_kv)
   if cfg.backward == "mosaic":
-    mbb = cfg.mosaic_backward_block_sizes or mosaic_bwd.MosaicBackwardBlockSizes()
+    mbb = cfg.mosaic_backward_block_sizes
     q_mult = math.lcm(q_mult, mbb.q_multiple)
     kv_mult = math.lcm(kv_mult, mbb.kv_multiple)
   return bs, mbs, _round_up(t, q_mult), _round_up(s, kv_mult), dp
@@ -168,17 +169,14 @@ def _make_pallas_attention(cfg: _PallasConfig, t: int, s: int, d: int):
     bs, _, tp, sp, dp = _plan(cfg, (qp.shape[0], t, qp.shape[2], d),
                               (kp.shape[0], s, kp.shape[2], d), qp.dtype)
     kw = _static_kwargs(cfg, t, s, sp, kv_lengths is not None, bs)
-    dout_p = _pad_to(dout.astype(out_p.dtype), tp, dp)
     # Padded query rows have dout == 0, hence delta == 0 and dS == 0: they add nothing.
+    dout_p = _pad_to(dout.astype(out_p.dtype), tp, dp)
     kv_ct = None if kv_lengths is None else jnp.zeros(kv_lengths.shape, jax.dtypes.float0)
     if cfg.backward == "mosaic":
       dq, dk, dv = mosaic_bwd.mosaic_backward(
-          qp, kp, vp, out_p, dout_p, lse,
-          kv_lengths, scale=cfg.scale, causal=cfg.causal, causal_offset=kw["causal_offset"],
-          static_kv_len=kw["static_kv_len"],
-          block_sizes=(cfg.mosaic_backward_block_sizes
-                       or mosaic_bwd.MosaicBackwardBlockSizes()),
-          interpret=cfg.interpret)
+          qp, kp, vp, out_p, dout_p, lse, kv_lengths, scale=cfg.scale, causal=cfg.causal,
+          causal_offset=kw["causal_offset"], static_kv_len=kw["static_kv_len"],
+          block_sizes=cfg.mosaic_backward_block_sizes, interpret=cfg.interpret)
       return dq[:, :t, :, :d], dk[:, :s, :, :d], dv[:, :s, :, :d], kv_ct
     delta = bwd_kernels.flash_delta(out_p, dout_p, block_q=bs.block_q_dq,
                                     interpret=cfg.interpret)
@@ -247,8 +245,10 @@ def mosaic_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, causal: bool =
   elif backward == "mosaic" and dp > mosaic_bwd.MAX_HEAD_DIM:
     raise ValueError(f"backward='mosaic' at head_dim={q.shape[-1]}: the Mosaic backward "
                      f"supports head dims up to {mosaic_bwd.MAX_HEAD_DIM}; use 'triton'.")
-  if backward == "mosaic":  # refuse tiles that cannot compile before tracing anything
-    (mosaic_backward_block_sizes or mosaic_bwd.MosaicBackwardBlockSizes()).check_fits(dp)
+  if backward == "mosaic":  # resolved once here; refuse tiles that cannot compile up front
+    mosaic_backward_block_sizes = (mosaic_backward_block_sizes
+                                   or mosaic_bwd.MosaicBackwardBlockSizes())
+    mosaic_backward_block_sizes.check_fits(dp)
   return _flash_attention(q, k, v, causal=causal, kv_lengths=kv_lengths, scale=scale,
                           block_sizes=block_sizes, interpret=interpret, kernel="Mosaic GPU",
                           forward="mosaic", mosaic_block_sizes=mosaic_block_sizes,
