@@ -34,8 +34,8 @@ if __package__ in (None, ""):  # run as a script: make the repo root importable
 import jax
 import jax.numpy as jnp
 
-from kernels.attention import (BlockSizes, MosaicBlockSizes, dot_product_attention,
-                               mosaic_attention, pallas_attention)
+from kernels.attention import (BlockSizes, MosaicBackwardBlockSizes, MosaicBlockSizes,
+                               dot_product_attention, mosaic_attention, pallas_attention)
 
 # ours: the Triton-lowered Pallas kernels; ours_mosaic: the Hopper (Mosaic GPU) kernels
 # (implementation="mosaic", compute capability 9.x only: Mosaic forward, Mosaic backward up to
@@ -54,19 +54,24 @@ def log(*args):
 
 
 def make_attention(impl: str, *, causal: bool, interpret: bool,
-                   block_sizes: Optional[BlockSizes | MosaicBlockSizes] = None) -> Callable:
+                   block_sizes: Optional[BlockSizes | MosaicBlockSizes] = None,
+                   backward_block_sizes: Optional[MosaicBackwardBlockSizes] = None) -> Callable:
   """(q, k, v) -> out for one implementation; layout [B, T, H, D].
 
   block_sizes: BlockSizes for "ours", MosaicBlockSizes (forward tiles) for "ours_mosaic".
+  backward_block_sizes: MosaicBackwardBlockSizes for "ours_mosaic" (None: the defaults).
   """
+  if backward_block_sizes is not None and impl != "ours_mosaic":
+    raise ValueError(f"backward_block_sizes is for impl='ours_mosaic', not {impl!r}.")
   if impl == "ours_mosaic_tbwd":
     return functools.partial(mosaic_attention, causal=causal, mosaic_block_sizes=block_sizes,
                              backward="triton", interpret=interpret)
   if impl == "ours_mosaic":
-    if block_sizes is None:  # through the op: a clear error off Hopper
+    if block_sizes is None and backward_block_sizes is None:  # the op: clear error off Hopper
       return functools.partial(dot_product_attention, causal=causal, implementation="mosaic",
                                interpret=interpret)
     return functools.partial(mosaic_attention, causal=causal, mosaic_block_sizes=block_sizes,
+                             mosaic_backward_block_sizes=backward_block_sizes,
                              interpret=interpret)
   if impl == "ours":
     if block_sizes is not None:
@@ -188,14 +193,15 @@ def make_inputs(batch, seq_len, heads, head_dim, dtype, seed=0):
 
 
 def run_cell(impl, seq_len, head_dim, causal, which, *, tokens, hidden, dtype_name, iters,
-             interpret, batch=None, block_sizes=None, run=True, max_temp_bytes=None,
-             label=None) -> Cell:
+             interpret, batch=None, block_sizes=None, backward_block_sizes=None, run=True,
+             max_temp_bytes=None, label=None) -> Cell:
   batch = batch or max(1, tokens // seq_len)
   heads = hidden // head_dim
   cell = Cell(label or impl, seq_len, head_dim, causal, which, batch, heads, dtype_name)
   try:
     q, k, v, do = make_inputs(batch, seq_len, heads, head_dim, _DTYPES[dtype_name])
-    attn = make_attention(impl, causal=causal, interpret=interpret, block_sizes=block_sizes)
+    attn = make_attention(impl, causal=causal, interpret=interpret, block_sizes=block_sizes,
+                          backward_block_sizes=backward_block_sizes)
     fn = make_pass(attn, which)
     args = (q, k, v) if which == "fwd" else (q, k, v, do)
   except Exception as e:

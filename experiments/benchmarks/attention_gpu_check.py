@@ -57,6 +57,15 @@ minutes with compiles):
 
   python experiments/benchmarks/attention_gpu_check.py --mode run4 --budget_s 240 \
       --skip smoke,correctness,long --seq_lens 8192,512,1024 --out $OUT
+
+Run 5 (after the Mosaic tile search, attention_mosaic_tune.py) used run4's sections with
+--impls (the sweep's implementations), --head_dims, and --cases (a subset of the
+correctness cases, e.g. the ones that exercise the shape-keyed Mosaic tiles):
+
+  python experiments/benchmarks/attention_gpu_check.py --mode run4 --budget_s 330 --skip smoke \
+      --cases odd_gqa_causal_kvlen,short_d64_causal_gqa_kvlen,bench_like_d64_kvlen,\
+bench_like_d128_causal --impls ours_mosaic,bundled_pallas,cudnn \
+      --seq_lens 8192,1024,512,4096,2048 --out $OUT
 """
 from __future__ import annotations
 
@@ -121,6 +130,11 @@ def main(argv=None):
   p.add_argument("--seq_lens", default="",
                  help="comma list of T for the sweep instead of 2048,4096,8192 (then no extra "
                       "rows), e.g. the rows an earlier run did not reach")
+  p.add_argument("--head_dims", default="64,128", help="comma list of sweep head dims")
+  p.add_argument("--impls", default="",
+                 help="comma list overriding the mode's sweep implementations")
+  p.add_argument("--cases", default="",
+                 help="comma list: only these correctness cases (names without 'mosaic_')")
   p.add_argument("--iters", type=int, default=20)
   p.add_argument("--skip", default="", help="comma list of sections to skip")
   p.add_argument("--dry_run", action="store_true",
@@ -263,11 +277,13 @@ def main(argv=None):
       "causal_t_lt_s_d256": (1, 300, 700, 4, 2, 256, True, (650,), None),
       "bench_like_d128_causal": (2, 1024, 1024, 16, 16, 128, True, None, None),
       "bench_like_d64_kvlen": (2, 1024, 1024, 8, 8, 64, False, (1024, 333), None),
+      # T = 512, D = 64: the Mosaic forward's short-query tiles (2 x 128 rows, run 5)
+      "short_d64_causal_gqa_kvlen": (2, 512, 512, 8, 2, 64, True, (512, 300), None),
   }
   small_tiles = BlockSizes(block_q=32, block_k=16, block_q_dkv=16, block_k_dkv=32,
                            block_q_dq=32, block_k_dq=16)
   if dry:  # interpret mode: only the small shapes
-    cases = {n: c for n, c in cases.items() if not n.startswith(("bench", "causal_t_lt"))}
+    cases = {n: c for n, c in cases.items() if not n.startswith(("bench", "causal_t_lt", "short"))}
   runs = [(n, dt, None) for n in cases for dt in (jnp.bfloat16, jnp.float16)]
   runs += [("odd_gqa_causal_kvlen", jnp.float32, None),
            ("odd_gqa_causal_kvlen", jnp.bfloat16, small_tiles)]
@@ -291,6 +307,9 @@ def main(argv=None):
     if run4:  # bf16 everywhere (fp16 on one); D = 256 with its own default tiles
       runs = [(n, jnp.bfloat16, None) for n in mosaic_cases]
       runs.insert(1, ("mosaic_odd_gqa_causal_kvlen", jnp.float16, None))
+  if args.cases:
+    keep = set(args.cases.split(","))
+    runs = [r for r in runs if r[0].removeprefix("mosaic_") in keep]
   if "correctness" not in skip:
     log("=== 2. correctness vs float32 reference (rel err = max|x-ref|/max|ref|) ===")
     for i, (name, dtype, bs) in enumerate(runs):
@@ -348,6 +367,9 @@ def main(argv=None):
            if not ((run2 or run3) and i == "xla") and not (i == "ours_mosaic" and not run3)]
   if run4:
     impls = ["ours_mosaic", "ours_mosaic_tbwd", "bundled_pallas", "cudnn"]
+  if args.impls:
+    impls = args.impls.split(",")
+  head_dims = [int(x) for x in args.head_dims.split(",")]
   sweep_reserve = 10 if run2 else 60  # seconds kept for later sections
   kw = dict(tokens=16384, hidden=2048, dtype_name="bf16", iters=args.iters, interpret=interp)
   main_ts, tune_t, long_t = (2048, 4096, 8192), 4096, 32768
@@ -364,7 +386,7 @@ def main(argv=None):
   if "sweep" not in skip:
     log("=== 3. sweep: B*T=16384, H*D=2048, bf16; TFLOP/s (fwd=4BHT^2D, /2 causal; fwd_bwd=3.5x) ===")
     for t in main_ts:
-      cells += bench.sweep([t], [64, 128], [False, True], ["fwd", "fwd_bwd"], impls,
+      cells += bench.sweep([t], head_dims, [False, True], ["fwd", "fwd_bwd"], impls,
                            deadline=deadline - sweep_reserve, **kw)
       save_cells()
     log("\n" + bench.markdown_table(cells))
