@@ -105,12 +105,37 @@ _HOPPER_TABLE = {
     128: MosaicBlockSizes(block_q=64, block_kv=128, num_stages=2),
     256: MosaicBlockSizes(block_q=64, block_kv=64, num_stages=2),
 }
+# Shape-keyed exceptions at head dim 64, from the tile search of GPU run 5 (H100, bf16,
+# B*T = 16384, H*D = 2048; NOTES.md). At D = 128 the table above won or was within 1.5% on
+# every row measured (T = 512, 1024, 4096; both causal modes); D = 256 has one legal tile.
+#  - Short queries (T <= 512, T % 256 == 0, so no extra query padding): 2 x 128-row
+#    warpgroups with 64-key tiles, 298 vs 275 TFLOP/s non-causal and 175 vs 159 causal at
+#    T = 512 (fewer, fuller CTAs; half the masked keys per diagonal tile). At T = 4096 they
+#    lose (413 vs 423, 365 vs 373).
+#  - Long non-causal (S >= 1024, S % 256 == 0, so no extra key padding): 256-key tiles,
+#    436 vs 423 at T = 4096 and 360 vs 345 at T = 1024. Causal at T = 4096: 359 vs 373.
+_D64_SHORT = MosaicBlockSizes(block_q=128, block_kv=64, num_stages=2)
+_D64_LONG_NONCAUSAL = MosaicBlockSizes(block_q=64, block_kv=256, num_stages=2)
 MAX_SHARED_MEMORY_BYTES = 227 * 1024
 
 
-def default_mosaic_block_sizes(head_dim: int) -> MosaicBlockSizes:
+def default_mosaic_block_sizes(head_dim: int, causal: bool = False,
+                               seq_len: int | None = None,
+                               kv_len: int | None = None) -> MosaicBlockSizes:
+  """Hopper forward tiles, chosen by (padded head dim, causal, query and key lengths).
+
+  Args:
+    head_dim: the head dim (padded to 64, 128 or 256 here).
+    causal: causal masking.
+    seq_len, kv_len: query and key lengths; None means long (T = S = 4096, the tuning shape).
+  """
   for d in sorted(_HOPPER_TABLE):
     if head_dim <= d:
+      if d == 64 and seq_len is not None and seq_len <= 512 and seq_len % 256 == 0:
+        return _D64_SHORT
+      if (d == 64 and not causal and kv_len is not None and kv_len >= 1024
+          and kv_len % 256 == 0):
+        return _D64_LONG_NONCAUSAL
       return _HOPPER_TABLE[d]
   raise ValueError(f"head_dim={head_dim}; the Mosaic GPU kernel supports head dims up to 256.")
 

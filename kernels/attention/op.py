@@ -127,7 +127,8 @@ def _plan(cfg: _PallasConfig, q_shape, k_shape, dtype):
   q_mult, kv_mult = bs.q_multiple, bs.kv_multiple
   mbs = None
   if mosaic:  # Mosaic tiles are multiples of 64, the backward's powers of two
-    mbs = cfg.mosaic_block_sizes or mosaic_kernels.default_mosaic_block_sizes(dp)
+    mbs = cfg.mosaic_block_sizes or mosaic_kernels.default_mosaic_block_sizes(
+        dp, cfg.causal, t, s)
     q_mult = math.lcm(q_mult, mbs.q_multiple)
     kv_mult = math.lcm(kv_mult, mbs.block_kv)
   if cfg.backward == "mosaic":

@@ -111,14 +111,34 @@ def test_mosaic_forward_and_gradients_match_float32_reference(name, backward):
 
 
 def test_mosaic_fp16_and_op_dispatch():
-  b, t, s, h, hkv, d = 1, 128, 128, 2, 1, 64
+  # T = S = 256, D = 64, causal: the op's default tiles are the short-query ones (2 x 128-row
+  # warpgroups, 64-key tiles, GPU run 5), so this also runs them through the interpreter.
+  b, t, s, h, hkv, d = 1, 256, 256, 2, 1, 64
+  assert default_mosaic_block_sizes(d, True, t, s) == MosaicBlockSizes(128, 64, 2)
   ks = jax.random.split(jax.random.PRNGKey(3), 3)
   q = jax.random.normal(ks[0], (b, t, h, d), jnp.float16)
   k = jax.random.normal(ks[1], (b, s, hkv, d), jnp.float16)
   v = jax.random.normal(ks[2], (b, s, hkv, d), jnp.float16)
   out = dot_product_attention(q, k, v, causal=True, implementation="mosaic", interpret=True)
   ref = mha_reference(*(x.astype(jnp.float32) for x in (q, k, v)), causal=True)
+  assert not races_found()
   assert out.dtype == jnp.float16 and _rel(out, ref) < 2e-2
+
+
+def test_mosaic_forward_256_key_tiles():
+  """The long non-causal D = 64 default (256-key tiles through a 2-slot ring), forward only:
+  3 key tiles, the last one cut by kv_lengths for example 1."""
+  b, t, s, h, hkv, d = 2, 128, 768, 2, 2, 64
+  tiles = default_mosaic_block_sizes(d, False, 4096, 4096)
+  assert tiles == MosaicBlockSizes(64, 256, 2)
+  ks = jax.random.split(jax.random.PRNGKey(4), 3)
+  q, k, v = (jax.random.normal(kk, (b, n, hh, d), jnp.float32).astype(jnp.bfloat16)
+             for kk, n, hh in zip(ks, (t, s, s), (h, hkv, hkv)))
+  kvl = jnp.asarray([768, 600], jnp.int32)
+  out = mosaic_attention(q, k, v, kv_lengths=kvl, mosaic_block_sizes=tiles, interpret=True)
+  ref = mha_reference(*(x.astype(jnp.float32) for x in (q, k, v)), kv_lengths=kvl)
+  assert not races_found()
+  assert _rel(out, ref) < 2e-2
 
 
 def test_mosaic_refusals_are_clear():
@@ -157,11 +177,28 @@ def test_mosaic_refusals_are_clear():
 def test_mosaic_defaults_fit_hopper_shared_memory():
   from kernels.attention.mosaic import MAX_SHARED_MEMORY_BYTES
   for d in (64, 128, 256):
-    bs = default_mosaic_block_sizes(d)
-    assert bs.shared_memory_bytes(d) <= MAX_SHARED_MEMORY_BYTES, (d, bs)
+    for causal in (False, True):
+      for t in (None, 77, 256, 512, 1024, 1100, 4096):
+        bs = default_mosaic_block_sizes(d, causal, t, t)
+        assert bs.shared_memory_bytes(d) <= MAX_SHARED_MEMORY_BYTES, (d, bs)
   assert default_mosaic_block_sizes(40) == default_mosaic_block_sizes(64)
   with pytest.raises(ValueError, match="head_dim=512"):
     default_mosaic_block_sizes(512)
+
+
+def test_mosaic_tile_table_is_chosen_by_shape():
+  """GPU run 5's choices: only head dim 64 depends on the lengths, and only where the tiles
+  add no padding (T % 256 == 0 for 128-row warpgroups, S % 256 == 0 for 256-key tiles)."""
+  long, short, wide = (MosaicBlockSizes(64, 128, 2), MosaicBlockSizes(128, 64, 2),
+                       MosaicBlockSizes(64, 256, 2))
+  pick = default_mosaic_block_sizes
+  assert pick(64, True, 512, 512) == pick(40, False, 256, 256) == short
+  assert pick(64, True, 384, 384) == pick(64, True, 4096, 4096) == long
+  assert pick(64, False, 4096, 4096) == pick(64, False, 1024, 1024) == wide
+  assert pick(64, False, 1100, 1100) == pick(64, False, 768, 768) == long
+  for t in (None, 512, 4096):
+    assert pick(128, False, t, t) == pick(128, True, t, t) == long
+  assert pick(256, False, 4096, 4096) == MosaicBlockSizes(64, 64, 2)
 
 
 @pytest.mark.parametrize("dtype,d,causal,hkv,in_place,kvl", [
