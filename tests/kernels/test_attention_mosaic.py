@@ -127,14 +127,14 @@ def test_mosaic_fp16_and_op_dispatch():
 
 def test_mosaic_forward_256_key_tiles():
   """The long non-causal D = 64 default (256-key tiles through a 2-slot ring), forward only:
-  3 key tiles, the last one cut by kv_lengths for example 1."""
-  b, t, s, h, hkv, d = 2, 128, 768, 2, 2, 64
+  3 key tiles (the third reuses slot 0), the last one cut by kv_lengths; GQA 2:1."""
+  b, t, s, h, hkv, d = 1, 128, 768, 2, 1, 64
   tiles = default_mosaic_block_sizes(d, False, 4096, 4096)
   assert tiles == MosaicBlockSizes(64, 256, 2)
   ks = jax.random.split(jax.random.PRNGKey(4), 3)
   q, k, v = (jax.random.normal(kk, (b, n, hh, d), jnp.float32).astype(jnp.bfloat16)
              for kk, n, hh in zip(ks, (t, s, s), (h, hkv, hkv)))
-  kvl = jnp.asarray([768, 600], jnp.int32)
+  kvl = jnp.asarray([600], jnp.int32)
   out = mosaic_attention(q, k, v, kv_lengths=kvl, mosaic_block_sizes=tiles, interpret=True)
   ref = mha_reference(*(x.astype(jnp.float32) for x in (q, k, v)), kv_lengths=kvl)
   assert not races_found()
