@@ -408,7 +408,7 @@ def main(argv=None):
         for mbs in cands:
           if time_left() < 150:
             break
-          if mbs.shared_memory_bytes(d) > 227 * 1024 or (not mbs.in_place and d > 128):
+          if not mbs.fits(d):
             continue
           c = bench.run_cell("ours_mosaic", tune_t, d, causal, "fwd", block_sizes=mbs, **kw)
           mosaic_tune.append({"d": d, "causal": causal, "cand": dataclasses.asdict(mbs),

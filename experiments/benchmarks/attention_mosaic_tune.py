@@ -60,7 +60,6 @@ def main(argv=None):
   from experiments.benchmarks import attention as bench
   from kernels.attention import MosaicBackwardBlockSizes, MosaicBlockSizes
   from kernels.attention import mosaic as mk
-  from kernels.attention import mosaic_backward as mb
 
   env = bench.environment()
   log(f"environment: {env}")
@@ -108,13 +107,13 @@ def main(argv=None):
   log("=== forward tiles (MosaicBlockSizes: block_q, block_kv, num_stages, in_place) ===")
   for t in fwd_ts:
     for d in dims:
-      default = mk.default_mosaic_block_sizes(d)
       for causal in (False, True):
+        default = mk.default_mosaic_block_sizes(d, causal, t, t)  # what the op would pick
         for bq, bkv, st, in_place in fwd_cands:
           if time.time() > deadline - 25:
             break
           mbs = MosaicBlockSizes(bq, bkv, st, in_place)
-          if mbs.shared_memory_bytes(d) > mk.MAX_SHARED_MEMORY_BYTES or 2 * bq > t:
+          if not mbs.fits(d) or 2 * bq > t:
             continue
           c = bench.run_cell("ours_mosaic", t, d, causal, "fwd", block_sizes=mbs, **kw)
           record(c, t, d, causal, "fwd", [bq, bkv, st, in_place], mbs == default)

@@ -96,6 +96,12 @@ class MosaicBlockSizes:
     # default tiles; an under-estimate let a 229,888-byte candidate through that needed 232,568).
     return q + kv + _COMPUTE_WGS * self.block_q * 4 + 4096
 
+  def fits(self, head_dim: int) -> bool:
+    """Within a Hopper CTA's shared memory, and in_place=False only up to head dim 128 (its
+    second float32 accumulator); what tile searches filter their candidates by."""
+    return (self.shared_memory_bytes(head_dim) <= MAX_SHARED_MEMORY_BYTES
+            and (self.in_place or head_dim <= 128))
+
 
 # Hopper defaults by padded head dim. D <= 128: FlashAttention-3's 128-row CTA (2 x 64) with
 # 128-key tiles and 2 stages (160 KiB of shared memory at D = 128); D = 256 halves the key tile
