@@ -10,16 +10,13 @@ likelihood goes to metrics.jsonl with split "eval":
   image data   bits/dim of the 8-bit test split under uniform dequantisation, through THE one
                helper research.diffusion.bpd (nll in nats per example, bpd).
 
-Which likelihood, by what the objective offers:
-  * `sde` and `score_fn(params, labels)` (diffusion): the probability-flow ODE,
-    research.diffusion.likelihood.log_likelihood;
-  * `log_prob(params, x, labels)` (coupling flows): the exact density;
-  * `log_likelihood(params, x, rng, labels=None) -> (logp [B], info)` (e.g. flow matching
-    through research.diffusion.likelihood.ode_log_likelihood): that;
-  * none of these: sample metrics only, with a warning.
+The likelihood is the objective's own (`objective.log_likelihood`, where
+`objective.has_likelihood`): the probability-flow ODE for diffusion and flow matching
+(research.diffusion.likelihood), the exact density for coupling flows; without one, sample
+metrics only, with a warning.
 
-Settings live in config.eval.likelihood (see LIKELIHOOD_DEFAULTS; a config without that
-block gets the defaults).
+Settings live in config.eval.likelihood (defaults and comments in configs/base.py;
+validate.likelihood_settings merges and checks them).
 """
 from __future__ import annotations
 
@@ -33,61 +30,16 @@ import numpy as np
 from absl import logging
 
 from experiments import builders
+from experiments import data as data_lib
 from experiments import sample as sample_lib
 from experiments import workdir as wd
-from experiments.validate import ConfigError
+from experiments.state import restore_trained
+from experiments.validate import likelihood_settings  # noqa: F401  (re-exported)
+from research.data import pipeline
+from research.diffusion import bpd
 
-# config.eval.likelihood fields and their defaults (proposed for configs/base.py).
-LIKELIHOOD_DEFAULTS = {
-    "enabled": True,        # compute the test likelihood in --mode=evaluate
-    "num_examples": 2000,   # toy: fresh test samples; images: first N of the test split (0 = all)
-    "batch_size": 500,      # examples per ODE solve (the batch shares the adaptive step size)
-    "estimator": "auto",    # auto (exact trace for D <= 32, else hutchinson) | exact | hutchinson
-    "num_probes": 1,        # hutchinson: probes per example, averaged
-    "probe": "rademacher",  # hutchinson: rademacher | gaussian
-    "rtol": 1e-5,           # ODE solver relative tolerance
-    "atol": 1e-5,           # ODE solver absolute tolerance
-    "t_min": 1e-5,          # start of the ODE solve (data side)
-    "solver": "dopri5",     # dopri5 | tsit5 (dopri5 took fewer steps in our benchmark)
-    "split": "test",        # images: the TFDS split evaluated
-}
 _EXACT_MAX_DIM = 32
-
-
-def likelihood_settings(config) -> Dict[str, Any]:
-  """config.eval.likelihood merged over the defaults, validated (raises ConfigError)."""
-  from research.diffusion import likelihood as ll
-  given = {}
-  if "likelihood" in config.eval:
-    given = dict(config.eval.likelihood)
-  unknown = sorted(set(given) - set(LIKELIHOOD_DEFAULTS))
-  if unknown:
-    raise ConfigError(f"config.eval.likelihood has unknown field(s) {unknown}; allowed: "
-                      f"{sorted(LIKELIHOOD_DEFAULTS)}.")
-  s = {**LIKELIHOOD_DEFAULTS, **given}
-
-  def fail(field, allowed):
-    raise ConfigError(f"config.eval.likelihood.{field}={s[field]!r} is not allowed: {allowed}.")
-
-  if not isinstance(s["enabled"], bool):
-    fail("enabled", "True or False")
-  for field, lo in (("num_examples", 0), ("batch_size", 1), ("num_probes", 1)):
-    v = s[field]
-    if isinstance(v, bool) or not isinstance(v, int) or v < lo:
-      fail(field, f"an integer >= {lo}")
-  for field in ("rtol", "atol", "t_min"):
-    v = s[field]
-    if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 < v < 1:
-      fail(field, "a number in (0, 1)")
-  if s["estimator"] not in ("auto",) + ll.ESTIMATORS:
-    fail("estimator", "one of 'auto', " + ", ".join(map(repr, ll.ESTIMATORS)))
-  if s["probe"] not in ll.PROBES:
-    fail("probe", "one of " + ", ".join(map(repr, ll.PROBES)))
-  if s["solver"] not in ll.SOLVERS:
-    fail("solver", "one of " + ", ".join(map(repr, ll.SOLVERS)))
-  if not isinstance(s["split"], str) or not s["split"]:
-    fail("split", "a TFDS split name such as 'test'")
-  return s
+_ODE_SETTINGS = ("estimator", "num_probes", "probe", "rtol", "atol", "t_min", "solver")
 
 
 def _mean_se(v: np.ndarray):
@@ -99,44 +51,22 @@ def _mean_se(v: np.ndarray):
 class _ModelLogProb:
   """log q(x) [B] in nats for one objective and its parameters, batch by batch."""
 
-  def __init__(self, config, objective, params, settings, dim: int):
-    self.objective, self.params, self.s = objective, params, settings
-    self.kind = None
+  def __init__(self, objective, params, settings, dim: int):
+    self.objective, self.params = objective, params
+    est = settings["estimator"]
+    if est == "auto":
+      est = "exact" if dim <= _EXACT_MAX_DIM else "hutchinson"
+    self.settings = {k: settings[k] for k in _ODE_SETTINGS}
+    self.settings["estimator"] = est
+    self.kind, self.estimator = None, est
     self.nfe = []
-    if hasattr(objective, "sde") and hasattr(objective, "score_fn"):
-      self.kind = "probability_flow_ode"
-      est = settings["estimator"]
-      self.estimator = est if est != "auto" else ("exact" if dim <= _EXACT_MAX_DIM
-                                                  else "hutchinson")
-
-      # One function object for every batch; params and labels ride in a Partial as traced
-      # leaves, so the solve compiles once per batch shape (not per batch or checkpoint).
-      def score(params, labels, x, t):
-        return objective.score_fn(params, labels)(x, t)
-      self._score = score
-    elif hasattr(objective, "log_prob"):
-      self.kind = "exact_density"
-      self.estimator = "exact"
-      self._log_prob = jax.jit(objective.log_prob)
-    elif hasattr(objective, "log_likelihood"):
-      self.kind = "objective_log_likelihood"
-      self.estimator = settings["estimator"]
 
   def __call__(self, x, labels, rng):
-    if self.kind == "probability_flow_ode":
-      from research.diffusion import likelihood as ll
-      score_fn = jax.tree_util.Partial(self._score, self.params, labels)
-      s = self.s
-      logp, info = ll.log_likelihood(score_fn, self.objective.sde, x, rng,
-                                     estimator=self.estimator, num_probes=s["num_probes"],
-                                     probe=s["probe"], rtol=s["rtol"], atol=s["atol"],
-                                     t_min=s["t_min"], solver=s["solver"])
+    logp, info = self.objective.log_likelihood(self.params, x, rng, labels=labels,
+                                               **self.settings)
+    self.kind, self.estimator = info["method"], info["estimator"]
+    if info.get("nfe"):
       self.nfe.append(info["nfe"])
-      return logp
-    if self.kind == "exact_density":
-      return self._log_prob(self.params, x, labels)
-    logp, info = self.objective.log_likelihood(self.params, x, rng, labels=labels)
-    self.nfe.append(int(info.get("nfe", 0)))
     return logp
 
 
@@ -187,9 +117,7 @@ def toy_likelihood(config, spec, model: _ModelLogProb, settings, rng) -> Dict[st
 
 def image_likelihood(config, spec, model: _ModelLogProb, settings, rng) -> Dict[str, Any]:
   """Bits/dim of the 8-bit evaluation split, through research.diffusion.bpd."""
-  from research.data import pipeline
-  from research.diffusion import bpd
-  data_dir = config.data.data_dir or pipeline.default_data_dir()
+  data_dir = data_lib.data_dir(config)
   source = pipeline.open_source(config.data.name, settings["split"], data_dir,
                                 image_size=int(config.data.image_size))
   images, labels = pipeline.load_arrays(source)
@@ -220,12 +148,11 @@ def image_likelihood(config, spec, model: _ModelLogProb, settings, rng) -> Dict[
 def compute_test_likelihood(config, spec, objective, params, settings,
                             rng) -> Optional[Dict[str, Any]]:
   """The "eval" metrics for one set of parameters, or None where no likelihood exists."""
-  model = _ModelLogProb(config, objective, params, settings, int(np.prod(spec.dims)))
-  if model.kind is None:
-    logging.warning("objective %r has no likelihood (no score/SDE, log_prob or "
-                    "log_likelihood); --mode=evaluate wrote sample metrics only.",
-                    config.objective)
+  if not objective.has_likelihood:
+    logging.warning("objective %r has no likelihood; --mode=evaluate wrote sample metrics only.",
+                    builders.describe(config))
     return None
+  model = _ModelLogProb(objective, params, settings, int(np.prod(spec.dims)))
   t0 = time.perf_counter()
   if spec.kind == "toy":
     metrics = toy_likelihood(config, spec, model, settings, rng)
@@ -246,9 +173,9 @@ def evaluate(config, workdir: str) -> Dict[str, Any]:
   Returns the sample metrics updated with the eval metrics.
   """
   settings = likelihood_settings(config)  # fails before anything is built or compiled
-  spec = builders.build_data_spec(config)
+  spec = data_lib.build_data_spec(config)
   objective = builders.build_objective(config, spec)
-  state = sample_lib.restore_trained(config, workdir, objective, spec)
+  state = restore_trained(config, workdir, objective, spec)
   metrics = dict(sample_lib.sample_and_evaluate(config, workdir, state))
   if not settings["enabled"]:
     return metrics

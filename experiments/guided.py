@@ -18,9 +18,10 @@ and finally figures/guidance_<kind>.png (accuracy and spread against the scale).
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 import time
-from typing import Dict, Tuple
+from typing import Any, Dict, Tuple
 
 import jax
 import jax.numpy as jnp
@@ -28,10 +29,16 @@ import numpy as np
 from absl import logging
 
 from experiments import builders
+from experiments import data as data_lib
+from experiments import image_metrics
 from experiments import plotting
-from experiments import validate as validate_lib
+from experiments import state as state_lib
 from experiments import workdir as wd
+from experiments.options import parse_options
 from research.diffusion import guidance
+from research.diffusion import samplers
+from research.diffusion.analytic import GaussianMixture
+from research.models.noise_classifier import NoiseConditionalClassifier
 from research.train_state import TrainState, make_optimizer
 
 CLASSIFIER_DIR = "classifier"
@@ -46,7 +53,6 @@ def scale_tag(config, scale: float) -> str:
 
 # ---- the noise-conditional classifier ----------------------------------------------------
 def build_classifier(config, spec):
-  from research.models.noise_classifier import NoiseConditionalClassifier
   g = config.guidance
   return NoiseConditionalClassifier(num_classes=spec.num_classes, hidden=g.classifier_hidden,
                                     depth=g.classifier_depth,
@@ -58,8 +64,31 @@ def _exact_classifier(spec, sde):
   ds = spec.toy
   if ds is None or not (hasattr(ds, "means") and hasattr(ds, "std")):
     return None
-  from research.diffusion.analytic import GaussianMixture
   return guidance.gmm_classifier_logits(GaussianMixture(ds.means, ds.stds, ds.weights), sde)
+
+
+@dataclasses.dataclass(frozen=True)
+class ClassifierObjective:
+  """Cross-entropy of a noise-conditional classifier on x_t (guidance.noisy_classifier_loss),
+  trainable by experiments.state.fit like any objective. `exact` (optional) is the exact
+  noisy classifier of the data: its loss on the same batch is logged as "loss_bayes"."""
+  module: Any
+  sde: Any
+  exact: Any = None
+
+  def init(self, rng, batch):
+    t0 = jnp.full((batch["x"].shape[0],), 0.5, jnp.float32)
+    return self.module.init(rng, batch["x"], t0)["params"]
+
+  def loss(self, params, batch, rng):
+    logits_fn = guidance.flax_classifier_fn(self.module, params, self.sde)
+    loss = jnp.mean(guidance.noisy_classifier_loss(logits_fn, self.sde, batch["x"],
+                                                   batch["label"], rng))
+    metrics = {"loss": loss}
+    if self.exact is not None:  # same t and noise (same rng): the Bayes-optimal loss
+      metrics["loss_bayes"] = jnp.mean(guidance.noisy_classifier_loss(
+          self.exact, self.sde, batch["x"], batch["label"], rng))
+    return loss, metrics
 
 
 def train_classifier(config, workdir: str, spec, sde) -> Tuple[object, object]:
@@ -67,16 +96,16 @@ def train_classifier(config, workdir: str, spec, sde) -> Tuple[object, object]:
 
   Cross-entropy on x_t = alpha x_0 + sigma noise at t ~ U(eps, T)
   (guidance.noisy_classifier_loss), AdamW with warmup + cosine decay, checkpoints in
-  WORKDIR/classifier/checkpoints. For Gaussian-mixture data each log row also carries the
-  loss of the exact posterior on the same batch ("loss_bayes", the lowest achievable).
+  WORKDIR/classifier/checkpoints, trained by the same loop as every model (state.fit). For
+  Gaussian-mixture data each log row also carries the loss of the exact posterior on the
+  same batch ("loss_bayes", the lowest achievable).
   """
   g = config.guidance
   module = build_classifier(config, spec)
   total = int(g.classifier_steps)
-  seed_rng = jax.random.fold_in(jax.random.PRNGKey(config.seed), 11)
-  first = next(builders.train_batches(config, spec, 0))
-  t0 = jnp.full((first["x"].shape[0],), 0.5, jnp.float32)
-  params = module.init(seed_rng, first["x"], t0)["params"]
+  objective = ClassifierObjective(module, sde, _exact_classifier(spec, sde))
+  first = next(data_lib.train_batches(config, spec, 0))
+  params = objective.init(jax.random.fold_in(jax.random.PRNGKey(config.seed), 11), first)
   tx, lr = make_optimizer(learning_rate=g.classifier_learning_rate,
                           warmup_steps=min(100, total // 10), total_steps=total,
                           grad_clip=config.optim.grad_clip)
@@ -86,41 +115,12 @@ def train_classifier(config, workdir: str, spec, sde) -> Tuple[object, object]:
   if start is not None:
     state = ckpt.restore(state, start)
   start = int(state.step)
-  writer = wd.MetricWriter(workdir)
-  exact = _exact_classifier(spec, sde)
-
-  def loss_fn(p, batch, rng):
-    logits_fn = guidance.flax_classifier_fn(module, p, sde)
-    return jnp.mean(guidance.noisy_classifier_loss(logits_fn, sde, batch["x"], batch["label"],
-                                                   rng))
-
-  def step_fn(state, batch, rng):
-    rng = jax.random.fold_in(rng, state.step)
-    loss, grads = jax.value_and_grad(loss_fn)(state.params, batch, rng)
-    metrics = {"loss": loss, "learning_rate": lr(state.step)}
-    if exact is not None:  # same t and noise (same rng): the Bayes-optimal loss of this batch
-      metrics["loss_bayes"] = jnp.mean(guidance.noisy_classifier_loss(
-          exact, sde, batch["x"], batch["label"], rng))
-    return state.apply_gradients(grads), metrics
-
-  step_fn = jax.jit(step_fn, donate_argnums=(0,))
-  rng = jax.random.fold_in(jax.random.PRNGKey(config.seed), 12)
-  batches = builders.train_batches(config, spec, start)
-  log_every = max(1, min(config.train.log_every, total))
-  try:
-    for step in range(start, total):
-      state, metrics = step_fn(state, next(batches), rng)
-      done = step + 1
-      if done % log_every == 0 or done == total:
-        m = {k: float(v) for k, v in jax.device_get(metrics).items()}
-        if not np.isfinite(m["loss"]):
-          raise FloatingPointError(f"classifier loss is {m['loss']} at step {done}; try a lower "
-                                   "guidance.classifier_learning_rate.")
-        writer.write(done, "classifier", m)
-      if done == total:
-        ckpt.save(done, state)
-  finally:
-    ckpt.close()
+  state = state_lib.fit(
+      objective, state, data_lib.train_batches(config, spec, start),
+      rng=jax.random.fold_in(jax.random.PRNGKey(config.seed), 12), lr_schedule=lr, total=total,
+      ckpt=ckpt, writer=wd.MetricWriter(workdir), split="classifier",
+      log_every=max(1, min(config.train.log_every, total)),
+      nonfinite_hint="Try a lower guidance.classifier_learning_rate.")
   logging.info("Noise-conditional classifier: %d steps (%s)", total,
                os.path.join(workdir, CLASSIFIER_DIR))
   return module, state.params
@@ -167,8 +167,7 @@ def guided_score_factory(config, objective, params, spec, classifier=None):
 
 def _draw(config, make_score, sde, dims, labels: np.ndarray, scale: float, rng):
   """Samples for `labels` in equal-size chunks (the last one padded), so one compile serves."""
-  from research.diffusion import samplers
-  options = validate_lib.parse_options(config.sample.options)
+  options = parse_options(config.sample.options)
   options.setdefault("denoise", config.sample.denoise)
   chunk = min(config.sample.batch_size, labels.shape[0])
   out, nfe = [], 0
@@ -186,9 +185,7 @@ def _draw(config, make_score, sde, dims, labels: np.ndarray, scale: float, rng):
 
 
 def _summary_figure(path: str, kind: str, rows, fd_key: str = "") -> None:
-  import matplotlib
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
+  plt = plotting.pyplot()
   scales = [r["scale"] for r in rows]
   fig, ax = plt.subplots(1, 2, figsize=(8, 3.2), dpi=110)
   if "accuracy" in rows[0]:  # toy mixtures
@@ -212,14 +209,13 @@ def _summary_figure(path: str, kind: str, rows, fd_key: str = "") -> None:
 
 def guided_sample_and_evaluate(config, workdir: str, state=None) -> Dict[str, Dict[str, float]]:
   """Samples every class at every scale in config.guidance.scales; returns {tag: metrics}."""
-  spec = builders.build_data_spec(config)
+  spec = data_lib.build_data_spec(config)
   if spec.num_classes < 2:
     raise ValueError(f"guidance needs labelled data with >= 2 classes; data.name="
                      f"{config.data.name!r} has {spec.num_classes}.")
   objective = builders.build_objective(config, spec)
   if state is None:
-    from experiments import sample as sample_lib
-    state = sample_lib.restore_trained(config, workdir, objective, spec)
+    state = state_lib.restore_trained(config, workdir, objective, spec)
   params = state.ema_params if config.sample.use_ema else state.params
   step = int(state.step)
   classifier = None
@@ -246,8 +242,7 @@ def guided_sample_and_evaluate(config, workdir: str, state=None) -> Dict[str, Di
       rows.append(metrics)
     elif spec.kind == "image":
       # fd_<dataset> and the feature classifier's accuracy on the requested classes.
-      from experiments import image_data
-      metrics.update(image_data.image_metrics(config, spec, samples, labels))
+      metrics.update(image_metrics.image_metrics(config, spec, samples, labels))
       if "classifier_accuracy" in metrics:
         rows.append(metrics)
     wd.save_samples(workdir, tag, samples, labels)
@@ -268,10 +263,7 @@ def guided_sample_and_evaluate(config, workdir: str, state=None) -> Dict[str, Di
                                                 for kk, v in metrics.items()})
     results[tag] = metrics
   if rows:
-    fd_key = ""
-    if spec.kind == "image":
-      from experiments import image_data
-      fd_key = image_data.fd_metric(config)
+    fd_key = data_lib.fd_metric(config) if spec.kind == "image" else ""
     _summary_figure(wd.figure_path(workdir, f"guidance_{config.guidance.kind}"),
                     config.guidance.kind, rows, fd_key)
   return results

@@ -8,15 +8,24 @@ from __future__ import annotations
 
 import os
 
+import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
+
+from experiments import evaluate
+from experiments import guided
+from experiments import sample
+from experiments import sweep
+from experiments import train
+from experiments import validate
+from experiments.options import MODES, ConfigError
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file(
     "config", None, "Experiment config file, e.g. configs/quickstart.py or configs/x.py:variant.",
     lock_config=True)
 flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics, samples and figures.")
-flags.DEFINE_enum("mode", "train", ["train", "sample", "evaluate", "sweep"],
+flags.DEFINE_enum("mode", "train", list(MODES),
                   "train: train (resuming) then sample + evaluate; sample: draw samples from the "
                   "latest checkpoint; evaluate: sample metrics (+ likelihood where available); "
                   "sweep: compare samplers x steps on the latest checkpoint.")
@@ -27,40 +36,24 @@ flags.mark_flags_as_required(["config", "workdir"])
 
 def run(config, workdir: str, mode: str = "train", debug: bool = False):
   """Runs one mode. Validation happens first, so a bad config fails before any compile."""
-  from experiments import validate
   validate.validate(config, mode)
-  import jax
   if debug:
     jax.config.update("jax_disable_jit", True)
     jax.config.update("jax_debug_nans", True)
     logging.warning("--debug: jit disabled, NaN checks on.")
   os.makedirs(workdir, exist_ok=True)
   if mode == "train":
-    from experiments import train, sample
     state = train.train(config, workdir)
     if config.guidance.kind != "none":
-      from experiments import guided
       return guided.guided_sample_and_evaluate(config, workdir, state)
-    metrics = sample.sample_and_evaluate(config, workdir, state)
-    if config.objective != "flow":
-      for name, steps in validate.parse_extra(config.sample.extra, _samplers()):
-        sample.sample_and_evaluate(sample.with_sampler(config, name, steps), workdir, state)
-    return metrics
+    return sample.sample_all(config, workdir, state)
   if mode == "sample":
-    from experiments import sample
     return sample.sample_and_evaluate(config, workdir)
   if mode == "evaluate":
-    from experiments import evaluate
     return evaluate.evaluate(config, workdir)
   if mode == "sweep":
-    from experiments import sweep
     return sweep.sweep(config, workdir)
-  raise ValueError(f"--mode={mode!r}; allowed: train, sample, evaluate, sweep.")
-
-
-def _samplers():
-  from research.diffusion import samplers
-  return tuple(samplers.available())
+  raise ValueError(f"--mode={mode!r}; allowed: {', '.join(MODES)}.")
 
 
 class _QuietLibraries:
@@ -76,7 +69,6 @@ def main(argv):
   import logging as py_logging
   for h in py_logging.getLogger().handlers + [logging.get_absl_handler()]:
     h.addFilter(_QuietLibraries())
-  from experiments.validate import ConfigError
   try:
     run(FLAGS.config, FLAGS.workdir, FLAGS.mode, FLAGS.debug)
   except ConfigError as e:

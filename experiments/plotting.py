@@ -4,7 +4,8 @@ from __future__ import annotations
 import numpy as np
 
 
-def _plt():
+def pyplot():
+  """matplotlib.pyplot on the non-interactive Agg backend."""
   import matplotlib
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
@@ -14,7 +15,7 @@ def _plt():
 def scatter(path: str, samples, reference=None, title: str = "", labels=None,
             max_points: int = 5000) -> str:
   """2-D scatter of the first two coordinates (reference data in grey underneath)."""
-  plt = _plt()
+  plt = pyplot()
   fig, ax = plt.subplots(figsize=(5, 5), dpi=110)
   s = np.asarray(samples)[:max_points]
   if reference is not None:
@@ -37,7 +38,7 @@ def scatter(path: str, samples, reference=None, title: str = "", labels=None,
 
 def image_grid(path: str, images, nrow: int = 10, title: str = "") -> str:
   """Grid of images in [-1, 1], shape [N, H, W, C]."""
-  plt = _plt()
+  plt = pyplot()
   x = np.clip((np.asarray(images) + 1) / 2, 0, 1)
   n = min(len(x), nrow * nrow)
   x = x[:n]

@@ -9,27 +9,24 @@ import csv
 import os
 from typing import Dict, List
 
+from experiments import builders
+from experiments import data as data_lib
+from experiments import plotting
 from experiments import sample as sample_lib
-from experiments import workdir as wd
+from experiments.options import SampleRequest
+from experiments.state import restore_trained
 
 
 def sweep(config, workdir: str) -> List[Dict]:
-  from research.diffusion import samplers
+  """Samples every cell (validate has checked the names and steps) on one restored state."""
+  spec = data_lib.build_data_spec(config)
+  state = restore_trained(config, workdir, builders.build_objective(config, spec), spec)
   rows = []
   for name in config.sweep.samplers:
-    if name not in samplers.available():
-      raise ValueError(f"config.sweep.samplers: unknown sampler {name!r}; allowed: "
-                       f"{samplers.available()}.")
-  # One restore for every cell (each cell would otherwise rebuild and restore the model).
-  from experiments import builders
-  spec = builders.build_data_spec(config)
-  state = sample_lib.restore_trained(config, workdir, builders.build_objective(config, spec), spec)
-  for name in config.sweep.samplers:
     for steps in config.sweep.steps:
-      cell = sample_lib.with_sampler(config, name, steps)
-      with cell.unlocked():
-        cell.sample.tag = f"sweep_{name}_{steps}"
-      m = sample_lib.sample_and_evaluate(cell, workdir, state)
+      cell = SampleRequest(name, int(steps), (("denoise", config.sample.denoise),),
+                           f"sweep_{name}_{steps}")
+      m = sample_lib.sample_and_evaluate(config, workdir, state, cell)
       rows.append({"sampler": name, "steps": steps, **m})
   out = os.path.join(workdir, "sweep")
   os.makedirs(out, exist_ok=True)
@@ -55,16 +52,14 @@ def _headline_metric(config, spec) -> str:
   """What the plot shows: fd_<dataset> for images, else the log-density gap where the toy
   data has a density, else the sliced Wasserstein distance."""
   if spec.kind == "image":
-    from experiments import image_data
-    return image_data.fd_metric(config)
+    return data_lib.fd_metric(config)
   return "logp_gap" if getattr(spec.toy, "has_density", False) else "sliced_wasserstein"
 
 
 def _plot(rows, path, key):
-  from experiments.plotting import _plt
   if not any(key in r for r in rows):  # e.g. samples outside a bounded support: no logp_gap
     key = "sliced_wasserstein" if any("sliced_wasserstein" in r for r in rows) else "nfe"
-  plt = _plt()
+  plt = plotting.pyplot()
   fig, ax = plt.subplots(figsize=(5, 3.5), dpi=110)
   for name in sorted({r["sampler"] for r in rows}):
     pts = sorted((r["nfe"], r.get(key, float("nan"))) for r in rows if r["sampler"] == name)

@@ -10,35 +10,14 @@ fd_shapes feature classifier once.
 Variants: small (shapes/small: 5,000 train images, a smaller UNet, fewer steps),
 conditional (shape label with label dropout for CFG), tiny (tests).
 """
-from configs import base
 from configs.common import parse_arg
+from configs.images.common import image_diffusion
 
 
 def get_config(arg=None):
   arg = parse_arg(arg, tiny=False, small=False, conditional=False)
-  c = base.get_config()
-  c.data.name = "shapes"
-  c.data.batch_size = 128
+  c = image_diffusion("shapes", conditional=arg.conditional, steps=100_000)
   c.data.random_flip = False            # captions name left/right positions
-  c.data.conditional = arg.conditional
-  c.model.name = "unet"
-  c.model.ch = 64
-  c.model.ch_mult = (1, 2, 2)           # 32 -> 16 -> 8 px
-  c.model.num_res_blocks = 2
-  c.model.attn_resolutions = (8,)
-  c.model.num_heads = 4
-  c.model.dropout = 0.1
-  c.diffusion.p_uncond = 0.1 if arg.conditional else 0.0
-  c.optim.learning_rate = 2e-4
-  c.optim.warmup_steps = 1000
-  c.optim.ema_decay = 0.9999
-  c.train.steps = 100_000
-  c.train.log_every = 500
-  c.train.ckpt_every = 5000
-  c.sample.sampler = "dpm_solver++"
-  c.sample.steps = 20
-  c.sample.num_samples = 10_000         # = test split size
-  c.sample.batch_size = 1000
   c.sweep.samplers = ("ddpm", "ddim", "dpm_solver++")
   c.sweep.steps = (20, 50, 1000)
   if arg.small:

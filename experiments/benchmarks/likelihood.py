@@ -159,13 +159,13 @@ def _trained_score(workdir):
   """score_fn, sde and data of a trained toy run (e.g. configs/quickstart.py)."""
   import ml_collections
   from experiments import builders
-  from experiments import train as train_lib
+  from experiments import data as data_lib
+  from experiments import state as state_lib
   with open(os.path.join(workdir, "config.json")) as f:
     config = ml_collections.ConfigDict(json.load(f))
-  spec = builders.build_data_spec(config)
+  spec = data_lib.build_data_spec(config)
   objective = builders.build_objective(config, spec)
-  state, ckpt = train_lib.restore_or_create(config, workdir, objective, spec)
-  ckpt.close()
+  state = state_lib.restore_trained(config, workdir, objective, spec)
   return objective.score_fn(state.ema_params), objective.sde, spec, int(state.step)
 
 

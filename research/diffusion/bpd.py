@@ -103,5 +103,10 @@ def bits_per_dim(log_prob: jnp.ndarray, num_dims: int, *, data_range: str = "[-1
   Returns:
     bits/dim, same shape as `log_prob`.
   """
-  nll = discrete_nll(log_prob, num_dims, data_range=data_range, num_bins=num_bins)
+  return nll_to_bpd(discrete_nll(log_prob, num_dims, data_range=data_range, num_bins=num_bins),
+                    num_dims)
+
+
+def nll_to_bpd(nll: jnp.ndarray, num_dims: int) -> jnp.ndarray:
+  """Bits per dimension of a discrete negative log-likelihood in nats per example: nll / (D log 2)."""
   return nll / (num_dims * math.log(2.0))

@@ -1,10 +1,10 @@
 """Diffusion as a training objective: the glue between a score network, an SDE, a loss and samplers.
 
-The trainer (experiments/train.py) sees every objective through the same four methods:
-  init(rng, batch) -> params
-  loss(params, batch, rng) -> (scalar loss, metrics dict)
-  sample(params, rng, num, labels=None, **sampler settings) -> (x, info)
-  score_fn(params, labels=None) -> score_fn(x, t)        (diffusion only)
+It implements the objective protocol (research/objective.py): init, loss, sample,
+check_options, log_likelihood (the probability-flow ODE), plus the diffusion-only
+  score_fn(params, labels=None) -> score_fn(x, t)
+that guidance and the likelihood build on. Every sampler of research.diffusion.samplers
+works (`sampler_names`); both guidance kinds apply.
 A batch is a dict {"x": float32 [B, *dims], "label": int32 [B] (optional)}.
 """
 from __future__ import annotations
@@ -16,9 +16,29 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from research import objective as objective_lib
+from research.diffusion import likelihood as likelihood_lib
 from research.diffusion import losses as losses_lib
 from research.diffusion import parameterization
 from research.diffusion import samplers as samplers_lib
+
+
+def check_sampler_options(options: Dict[str, Any], sde, steps: int) -> None:
+  """options = {"sampler": name, **that sampler's options}; raises ValueError if not allowed."""
+  opts = dict(options)
+  name = opts.pop("sampler", None)
+  if name not in samplers_lib.available():
+    raise ValueError(f"sampler={name!r} is not allowed: one of "
+                     + ", ".join(repr(n) for n in samplers_lib.available()) + ".")
+  samplers_lib.get(name).resolve(opts, sde, steps)
+
+
+def pf_ode_log_likelihood(score_fn, sde, x, rng, **settings):
+  """(logp [B], info) through the probability-flow ODE, info naming method and estimator."""
+  logp, info = likelihood_lib.log_likelihood(score_fn, sde, x, rng, **settings)
+  info = dict(info, method="probability_flow_ode",
+              estimator=settings.get("estimator", "exact"))
+  return logp, info
 
 
 @dataclasses.dataclass(frozen=True)
@@ -34,6 +54,7 @@ class DiffusionObjective:
     conditional: feed batch["label"] to the network.
     p_uncond: probability of replacing a label by the null token during training (CFG).
     num_classes: number of classes; label `num_classes` is the null token.
+    data_shape: shape of one example (what `sample` draws).
   """
   model: nn.Module
   sde: Any
@@ -43,8 +64,17 @@ class DiffusionObjective:
   conditional: bool = False
   p_uncond: float = 0.0
   num_classes: int = 0
+  data_shape: Tuple[int, ...] = ()
+
+  guidance_kinds = objective_lib.GUIDANCE_KINDS
+  has_likelihood = True
+
+  @property
+  def sampler_names(self) -> Tuple[str, ...]:
+    return tuple(samplers_lib.available())
 
   def __post_init__(self):
+    object.__setattr__(self, "data_shape", tuple(int(s) for s in self.data_shape))
     # Build the loss eagerly so a bad loss name/option fails before any compile.
     object.__setattr__(self, "_loss_fn", losses_lib.get_loss_fn(
         self.loss_name, self.sde, prediction=self.prediction, **dict(self.loss_options)))
@@ -108,8 +138,18 @@ class DiffusionObjective:
     samplers compile once per shape and reuse that compilation for new parameters."""
     return jax.tree_util.Partial(self._score, params, labels)
 
-  def sample(self, params, rng, num: int, dims: Tuple[int, ...], labels=None, *,
-             sampler: str = "ddpm", steps: int = 1000, **options):
+  def check_options(self, options: Dict[str, Any], steps: int) -> None:
+    check_sampler_options(options, self.sde, steps)
+
+  def sample(self, params, rng, num: int, *, labels=None, sampler: str = "ddpm",
+             steps: int = 1000, **options):
+    """`num` samples [num, *data_shape] with `sampler` (labels [num] for a conditional model)."""
+    if not self.data_shape:
+      raise ValueError("DiffusionObjective.sample needs data_shape (the shape of one example).")
     score_fn = self.score_fn(params, labels)
-    return samplers_lib.sample(sampler, score_fn, self.sde, (num, *dims), rng, steps=steps,
-                               **options)
+    return samplers_lib.sample(sampler, score_fn, self.sde, (num, *self.data_shape), rng,
+                               steps=steps, **options)
+
+  def log_likelihood(self, params, x, rng, *, labels=None, **settings):
+    """log p(x) [B] in nats through the probability-flow ODE (research.diffusion.likelihood)."""
+    return pf_ode_log_likelihood(self.score_fn(params, labels), self.sde, x, rng, **settings)

@@ -32,6 +32,7 @@ from research.diffusion import bpd as bpd_lib
 from research.diffusion import likelihood as likelihood_lib
 from research.diffusion import samplers as samplers_lib
 from research.diffusion import sde as sde_lib
+from research.diffusion.objective import check_sampler_options, pf_ode_log_likelihood
 
 Array = jnp.ndarray
 
@@ -83,11 +84,10 @@ def velocity_to_score(v: Array, x: Array, t: Array) -> Array:
 class FlowMatchingObjective:
   """Flow matching with a velocity network called as model(x, t, labels, train=...).
 
-  The trainer interface is the same as the other objectives:
-    init(rng, batch) -> params;  loss(params, batch, rng) -> (loss, metrics);
-    sample(params, rng, num, dims=None, labels=None, *, sampler, steps, **options) -> (x, info)
-      (the DiffusionObjective signature);
-    log_prob(params, x, labels=None, rng=None, **likelihood options) -> [B].
+  It implements the objective protocol (research/objective.py): init, loss,
+  sample(params, rng, num, *, labels=None, sampler, steps, **options) with every sampler of
+  research.diffusion.samplers, check_options, log_likelihood (the probability-flow ODE of
+  the straight path); plus log_prob(params, x, labels=None, rng=None, **options) -> [B].
 
   Attributes:
     model: velocity network (research.models: "mlp" for vectors, "unet" for images).
@@ -103,8 +103,18 @@ class FlowMatchingObjective:
   num_classes: int = 0
   path: StraightPath = StraightPath()
 
+  guidance_kinds = ()
+  has_likelihood = True
+
   def __post_init__(self):
     object.__setattr__(self, "data_shape", tuple(int(s) for s in self.data_shape))
+
+  @property
+  def sampler_names(self) -> Tuple[str, ...]:
+    return tuple(samplers_lib.available())
+
+  def check_options(self, options, steps: int) -> None:
+    check_sampler_options(options, self.path, steps)
 
   @property
   def sde(self) -> StraightPath:
@@ -175,9 +185,8 @@ class FlowMatchingObjective:
     return jax.tree_util.Partial(self._score, params, labels)
 
   # -- sampling and likelihood ---------------------------------------------------------------
-  def sample(self, params, rng, num: int, dims: Optional[Sequence[int]] = None,
-             labels: Optional[Array] = None, *, sampler: str = "ode_adaptive",
-             steps: int = 1000, **options):
+  def sample(self, params, rng, num: int, *, labels: Optional[Array] = None,
+             sampler: str = "ode_adaptive", steps: int = 1000, **options):
     """Samples by integrating dx/dt = v from T to eps with a shared ODE sampler.
 
     Any sampler of research.diffusion.samplers works; the deterministic ones ("ode_euler",
@@ -185,11 +194,7 @@ class FlowMatchingObjective:
     default is the adaptive solver (`steps` is then its step limit): on Gaussian data with the
     exact velocity it reaches 4e-3 of the exact flow map, where heun with 32 steps (EDM's
     sigma grid, which here starts at sigma = T / (1 - T) = 999) is off by 3e-2.
-
-    `dims` (optional, as DiffusionObjective.sample takes it) must equal data_shape.
     """
-    if dims is not None and tuple(dims) != self.data_shape:
-      raise ValueError(f"dims={tuple(dims)} does not match data_shape={self.data_shape}.")
     if self.num_classes and labels is None:
       labels = jax.random.randint(jax.random.fold_in(rng, 1), (num,), 0, self.num_classes)
     elif not self.num_classes and labels is not None:
@@ -216,6 +221,12 @@ class FlowMatchingObjective:
     logp, _ = likelihood_lib.log_likelihood(self.score_fn(params, labels), self.path, x, rng,
                                             **options)
     return logp
+
+  def log_likelihood(self, params, x: Array, rng, *, labels: Optional[Array] = None,
+                     **settings):
+    """(log p(x) [B] in nats, info) through the probability-flow ODE (the protocol's form)."""
+    self._check_x(x)
+    return pf_ode_log_likelihood(self.score_fn(params, labels), self.path, x, rng, **settings)
 
   def bits_per_dim(self, params, x: Array, rng, labels: Optional[Array] = None,
                    **options) -> Array:
@@ -257,28 +268,3 @@ def make_objective(data_shape: Sequence[int], *, image: bool = False, hidden: in
       raise ValueError(f"data_shape={data_shape} is not allowed: [D] or [H, W, C].")
   return FlowMatchingObjective(model=model, data_shape=data_shape, dequantize=image,
                                num_classes=num_classes)
-
-
-def from_config(config, spec, model: Optional[nn.Module] = None) -> FlowMatchingObjective:
-  """From config.model (the velocity network, as for diffusion) and the data spec.
-
-  `model` (e.g. experiments.builders.build_model(config, spec)) overrides the network built
-  here from config.model.
-  """
-  num_classes = int(spec.num_classes) if config.data.conditional else 0
-  m = config.model
-  if model is None:
-    from research.models import get_model
-    if m.name == "mlp":
-      model = get_model("mlp", hidden=m.hidden, depth=m.depth, time_embedding=m.time_embedding,
-                        num_classes=num_classes, dropout=m.dropout)
-    elif m.name == "unet":
-      model = get_model("unet", ch=m.ch, ch_mult=tuple(m.ch_mult),
-                        num_res_blocks=m.num_res_blocks,
-                        attn_resolutions=tuple(m.attn_resolutions), num_heads=m.num_heads,
-                        dropout=m.dropout, time_embedding=m.time_embedding,
-                        num_classes=num_classes, attention_impl=m.attention_impl)
-    else:
-      model = get_model(m.name)
-  return FlowMatchingObjective(model=model, data_shape=tuple(spec.dims),
-                               dequantize=(spec.kind == "image"), num_classes=num_classes)

@@ -1,9 +1,11 @@
 """Maximum-likelihood training of coupling flows: the objective the trainer sees.
 
-The trainer (experiments/train.py) uses the same four methods for every objective:
+It implements the objective protocol (research/objective.py):
   init(rng, batch) -> params
   loss(params, batch, rng) -> (scalar loss, metrics dict)
-  sample(params, rng, num, labels=None, temperature=1.0) -> (x [num, *dims], info)
+  sample(params, rng, num, *, labels=None, temperature=1.0) -> (x [num, *dims], info)
+      one inverse pass: no sampler names, `temperature` its only option
+  check_options(options, steps);  log_likelihood(params, x, rng, *, labels=None) (exact)
   log_prob(params, x, labels=None) -> [B]
 A batch is a dict {"x": float32 [B, *dims], "label": int32 [B] (optional)}.
 
@@ -19,7 +21,6 @@ All methods are pure and jit-able; RNG is explicit.
 from __future__ import annotations
 
 import dataclasses
-import math
 from typing import Any, Dict, Optional, Sequence, Tuple
 
 import flax.linen as nn
@@ -53,8 +54,13 @@ class FlowObjective:
   num_bins: int = 256
   num_classes: int = 0
 
+  sampler_names = ()
+  guidance_kinds = ()
+  has_likelihood = True
+
   def __post_init__(self):
     object.__setattr__(self, "data_shape", tuple(int(s) for s in self.data_shape))
+    object.__setattr__(self, "_log_prob_jit", jax.jit(self.log_prob))
     if self.dequantize:
       bpd_lib.log_scale_per_dim(data_range=self.data_range, num_bins=self.num_bins)  # validates
 
@@ -112,11 +118,28 @@ class FlowObjective:
     loss = jnp.mean(nll)
     metrics = {"loss": loss, "nll": loss, "logdet": jnp.mean(logdet)}
     if self.dequantize:
-      metrics["bpd"] = loss / (self.num_dims * math.log(2.0))
+      metrics["bpd"] = bpd_lib.nll_to_bpd(loss, self.num_dims)
     return loss, metrics
 
+  def log_likelihood(self, params, x: Array, rng: jax.Array, *,
+                     labels: Optional[Array] = None, **settings):
+    """(log p(x) [B] in nats, info): the exact density; ODE `settings` do not apply."""
+    del rng, settings
+    return self._log_prob_jit(params, x, labels), {"nfe": 0, "method": "exact_density",
+                                                    "estimator": "exact"}
+
   # -- sampling ------------------------------------------------------------------------------
-  def sample(self, params, rng: jax.Array, num: int, labels: Optional[Array] = None,
+  def check_options(self, options: Dict[str, Any], steps: int) -> None:
+    """One inverse pass takes `temperature` (> 0) and nothing else; `steps` does not apply."""
+    del steps
+    unknown = sorted(set(options) - {"temperature"})
+    t = options.get("temperature", 1.0)
+    if unknown or isinstance(t, bool) or not isinstance(t, (int, float)) or not t > 0:
+      raise ValueError("a coupling flow samples in one inverse pass and takes '' or "
+                       "'temperature=T' with T > 0"
+                       + (f" (unknown option(s) {unknown})" if unknown else ""))
+
+  def sample(self, params, rng: jax.Array, num: int, *, labels: Optional[Array] = None,
              temperature: float = 1.0):
     """Draws z ~ N(0, temperature^2 I) and maps it through the inverse flow.
 
@@ -162,18 +185,3 @@ def make_objective(kind: str, data_shape: Sequence[int], *, image: bool, num_lay
                           num_classes=num_classes, remat=remat)
   return FlowObjective(flow=flow, data_shape=tuple(data_shape), dequantize=image,
                        data_range=data_range, num_classes=num_classes)
-
-
-def from_config(config, spec) -> FlowObjective:
-  """Builds the objective from `config.flow` and a data spec (dims, num_classes, kind).
-
-  Optional fields read with defaults when the config does not have them: flow.depth (MLP
-  conditioner hidden layers), flow.scale_bound, flow.remat.
-  """
-  f = config.flow
-  num_classes = int(spec.num_classes) if config.data.conditional else 0
-  return make_objective(
-      f.kind, tuple(spec.dims), image=(spec.kind == "image"), num_layers=int(f.num_layers),
-      hidden=int(f.hidden), depth=int(f.get("depth", 2)), num_scales=int(f.num_scales),
-      scale_bound=float(f.get("scale_bound", 2.0)), num_classes=num_classes,
-      remat=bool(f.get("remat", False)))

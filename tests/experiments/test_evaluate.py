@@ -5,7 +5,7 @@ import ml_collections
 import numpy as np
 import pytest
 
-from configs import quickstart
+from configs import base, quickstart
 from configs.common import override
 from experiments import evaluate as evaluate_lib
 from experiments import main as main_lib
@@ -71,4 +71,8 @@ def test_bad_likelihood_settings_fail_before_anything_runs(tmp_path, field, valu
 
 def test_default_settings_without_a_likelihood_block():
   s = evaluate_lib.likelihood_settings(_tiny())
-  assert s == evaluate_lib.LIKELIHOOD_DEFAULTS
+  assert s == dict(base.get_config().eval.likelihood)  # the defaults live in configs/base.py
+  c = _tiny()
+  with c.unlocked():
+    del c.eval["likelihood"]
+  assert evaluate_lib.likelihood_settings(c) == s

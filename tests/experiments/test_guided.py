@@ -10,6 +10,7 @@ import pytest
 from configs.common import override
 from configs.toy import ring_guided
 from experiments import builders
+from experiments import data as data_lib
 from experiments import guided
 from experiments import train as train_lib
 from experiments import validate
@@ -22,7 +23,7 @@ def _config(arg="tiny", **over):
 
 def _fresh_state(config, workdir):
   """An untrained model's state (guided sampling of a workdir needs a checkpoint)."""
-  spec = builders.build_data_spec(config)
+  spec = data_lib.build_data_spec(config)
   state, ckpt = train_lib.restore_or_create(config, workdir, builders.build_objective(config, spec),
                                             spec)
   ckpt.close()
@@ -75,8 +76,7 @@ def test_cfg_then_classifier_guidance_tiny(tmp_path):
       np.load(tmp_path / "samples" / "classifier_s0_ddpm_20.npz")["samples"],
       np.load(tmp_path / "samples" / "cfg_w0_ddpm_20.npz")["samples"], rtol=1e-4, atol=1e-4)
   # A finished classifier is restored, not retrained.
-  from experiments import builders
-  spec = builders.build_data_spec(cc)
+  spec = data_lib.build_data_spec(cc)
   sde = builders.build_sde(cc)
   _, params = guided.train_classifier(cc, workdir, spec, sde)
   assert len([r for r in wd.read_metrics(workdir) if r["split"] == "classifier"]) == len(clf)

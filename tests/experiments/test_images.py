@@ -7,8 +7,8 @@ import pytest
 
 from configs.common import override
 from configs.images import digits_ddpm, shapes_ddpm
-from experiments import builders
-from experiments import image_data
+from experiments import data as data_lib
+from experiments import image_metrics
 from experiments import main as main_lib
 from experiments import workdir as wd
 from experiments.validate import ConfigError
@@ -39,44 +39,44 @@ def test_digits_train_sample_metrics(data_dir, tmp_path):
   assert metrics["fd_num_test"] == 359 and metrics["fd_num_samples"] == 16
   assert os.listdir(os.path.join(data_dir, "genjax_metrics"))  # cached for the next run
   # Real digits score near the reference; noise scores far from it.
-  images, _, _ = image_data.load_split(c, "test")
+  images, _, _ = data_lib.load_split(c, "test")
   from research.data import pipeline
-  real = image_data.image_metrics(c, None, pipeline.to_model_space(images[:200]))
-  noise = image_data.image_metrics(
+  real = image_metrics.image_metrics(c, None, pipeline.to_model_space(images[:200]))
+  noise = image_metrics.image_metrics(
       c, None, np.random.default_rng(0).uniform(-1, 1, (200, 8, 8, 1)).astype(np.float32))
   assert real["fd_digits"] < 3 * ref + 1 < noise["fd_digits"]
   # Conditional samples get a classifier accuracy (true labels of real digits: high).
-  _, labels, _ = image_data.load_split(c, "test")
-  acc = image_data.image_metrics(c, None, pipeline.to_model_space(images[:200]), labels[:200])
+  _, labels, _ = data_lib.load_split(c, "test")
+  acc = image_metrics.image_metrics(c, None, pipeline.to_model_space(images[:200]), labels[:200])
   assert acc["classifier_accuracy"] > 0.9
 
 
 def test_restarted_run_sees_the_same_data_order(data_dir):
   c = _config(digits_ddpm, data_dir, **{"data.random_flip": True})
-  spec = builders.build_data_spec(c)
+  spec = data_lib.build_data_spec(c)
   assert spec.kind == "image" and spec.dims == (8, 8, 1) and spec.num_classes == 10
-  full = list(itertools.islice(builders.train_batches(c, spec, 0), 6))
-  resumed = list(itertools.islice(builders.train_batches(c, spec, 4), 2))
+  full = list(itertools.islice(data_lib.train_batches(c, spec, 0), 6))
+  resumed = list(itertools.islice(data_lib.train_batches(c, spec, 4), 2))
   for a, b in zip(full[4:], resumed):
     np.testing.assert_array_equal(a["x"], b["x"])
     np.testing.assert_array_equal(a["label"], b["label"])
   assert full[0]["x"].shape == (16, 8, 8, 1) and full[0]["x"].dtype == np.float32
   assert full[0]["x"].min() >= -1 and full[0]["x"].max() <= 1
   # Eval batches cover the test split once, in order.
-  n = sum(len(b["x"]) for b in image_data.eval_batches(c, spec, batch_size=100))
+  n = sum(len(b["x"]) for b in data_lib.eval_batches(c, spec, batch_size=100))
   assert n == 359
 
 
 def test_shapes_data_and_bad_configs(data_dir):
   c = _config(shapes_ddpm, data_dir)
-  spec = builders.build_data_spec(c)
+  spec = data_lib.build_data_spec(c)
   assert spec.dims == (32, 32, 3) and spec.num_classes == 3
-  batch = next(builders.train_batches(c, spec, 0))
+  batch = next(data_lib.train_batches(c, spec, 0))
   assert batch["x"].shape == (8, 32, 32, 3) and set(batch["label"]) <= {0, 1, 2}
   with pytest.raises(ConfigError, match="image_size"):
-    builders.build_data_spec(_config(digits_ddpm, data_dir, **{"data.image_size": 12}))
+    data_lib.build_data_spec(_config(digits_ddpm, data_dir, **{"data.image_size": 12}))
   with pytest.raises(ConfigError, match="ch_mult"):
-    builders.build_data_spec(_config(digits_ddpm, data_dir, **{"model.ch_mult": (1, 2, 2, 2, 2)}))
+    data_lib.build_data_spec(_config(digits_ddpm, data_dir, **{"model.ch_mult": (1, 2, 2, 2, 2)}))
 
 
 def test_classifier_free_guidance_on_images(data_dir, tmp_path):

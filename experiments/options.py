@@ -1,0 +1,159 @@
+"""The vocabulary every experiment module shares: ConfigError, field checks, option parsing.
+
+The bottom floor of experiments/ (it imports nothing from experiments/). Allowed names are
+read from the library that owns them (registries and module constants), never copied here.
+
+  ConfigError                       a config field holds a value that is not allowed
+  field(config, "a.b")              the value at a dotted path
+  fail(field, value, allowed)       raises ConfigError naming the field and what is allowed
+  choice / positive_int / positive_float / unit_interval   one-line field checks
+  parse_options("eta=0.5,grid='quadratic'")  -> {"eta": 0.5, "grid": "quadratic"}
+  parse_extra(("ddim:50",), allowed)        -> (("ddim", 50),)
+  SampleRequest                     one sampling run: sampler, steps, options, tag
+  sample_requests / check_sample_requests   the runs of config.sample, checked by the objective
+"""
+from __future__ import annotations
+
+import ast
+import dataclasses
+from typing import Any, Dict, Iterable, Optional, Tuple
+
+MODES = ("train", "sample", "evaluate", "sweep")
+
+
+class ConfigError(ValueError):
+  """A config field holds a value that is not allowed."""
+
+
+def field(c, name: str):
+  """The value at dotted path `name` of config `c` (KeyError naming the path if absent)."""
+  for part in name.split("."):
+    c = c[part]
+  return c
+
+
+def fail(name: str, value: Any, allowed: str):
+  raise ConfigError(f"config.{name}={value!r} is not allowed: {allowed}.")
+
+
+def choice(c, name: str, allowed: Iterable):
+  allowed = tuple(allowed)
+  v = field(c, name)
+  if v not in allowed:
+    fail(name, v, "one of " + ", ".join(repr(a) for a in allowed))
+
+
+def positive_int(c, name: str, zero_ok: bool = False):
+  v = field(c, name)
+  if isinstance(v, bool) or not isinstance(v, int) or v < (0 if zero_ok else 1):
+    fail(name, v, "an integer " + (">= 0" if zero_ok else ">= 1"))
+
+
+def positive_float(c, name: str, zero_ok: bool = False):
+  v = field(c, name)
+  if isinstance(v, bool) or not isinstance(v, (int, float)) or v < 0 or (v == 0 and not zero_ok):
+    fail(name, v, "a number " + (">= 0" if zero_ok else "> 0"))
+
+
+def unit_interval(c, name: str):
+  v = field(c, name)
+  if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0.0 <= v <= 1.0:
+    fail(name, v, "a number in [0, 1]")
+
+
+def parse_options(text: str, name: str = "sample.options") -> Dict[str, Any]:
+  """'eta=0.5,grid=quadratic' -> {'eta': 0.5, 'grid': 'quadratic'} (values as Python literals)."""
+  out: Dict[str, Any] = {}
+  for item in (text or "").split(","):
+    item = item.strip()
+    if not item:
+      continue
+    if "=" not in item:
+      raise ConfigError(f"config.{name}: item {item!r} must look like key=value.")
+    k, v = item.split("=", 1)
+    try:
+      out[k.strip()] = ast.literal_eval(v.strip())
+    except (ValueError, SyntaxError):
+      out[k.strip()] = v.strip()
+  return out
+
+
+def parse_extra(extra, allowed_samplers) -> Tuple[Tuple[str, int], ...]:
+  """("ddim:50", "dpm_solver++:20") -> (("ddim", 50), ("dpm_solver++", 20))."""
+  allowed = ("a tuple of 'sampler:steps' strings, sampler one of "
+             + ", ".join(repr(a) for a in allowed_samplers))
+  if isinstance(extra, str) or not isinstance(extra, (tuple, list)):
+    fail("sample.extra", extra, allowed)
+  out = []
+  for item in extra:
+    name, _, steps = str(item).partition(":")
+    if name not in allowed_samplers or not steps.isdigit() or int(steps) < 1:
+      fail("sample.extra", extra, allowed + f" and steps an integer >= 1 (bad item {item!r})")
+    out.append((name, int(steps)))
+  return tuple(out)
+
+
+@dataclasses.dataclass(frozen=True)
+class SampleRequest:
+  """One sampling run of a trained objective.
+
+  Attributes:
+    sampler: a name of research.diffusion.samplers, or None for an objective that samples in
+      one pass (a coupling flow: objective.sampler_names is empty).
+    steps: sampler steps (ignored without a sampler).
+    options: the sampler's (or the one-pass sampler's) options as sorted (key, value) pairs;
+      for samplers they include "denoise".
+    tag: file tag of samples/<tag>.npz and figures/<tag>.png.
+  """
+  sampler: Optional[str]
+  steps: int
+  options: Tuple[Tuple[str, Any], ...] = ()
+  tag: str = ""
+
+  def kwargs(self) -> Dict[str, Any]:
+    """Keyword arguments of objective.sample(params, rng, num, labels=..., **kwargs)."""
+    out = dict(self.options)
+    if self.sampler is not None:
+      out.update(sampler=self.sampler, steps=self.steps)
+    return out
+
+  def check_options(self) -> Dict[str, Any]:
+    """The options objective.check_options(options, steps) validates (sampler included)."""
+    out = dict(self.options)
+    if self.sampler is not None:
+      out["sampler"] = self.sampler
+    return out
+
+
+def sample_requests(config, sampler_names) -> Tuple[SampleRequest, ...]:
+  """The main sampling run of config.sample, then each sample.extra "sampler:steps" run.
+
+  `sampler_names` is objective.sampler_names: empty for an objective that samples in one pass
+  (it then gets one request with sample.options only, and sample.extra does not apply).
+  """
+  s = config.sample
+  options = parse_options(s.options)
+  if not sampler_names:
+    return (SampleRequest(None, int(s.steps), tuple(sorted(options.items())),
+                          s.tag or "flow"),)
+  options.setdefault("denoise", s.denoise)
+  main = SampleRequest(s.sampler, int(s.steps), tuple(sorted(options.items())),
+                       s.tag or f"{s.sampler}_{s.steps}")
+  extra = tuple(SampleRequest(name, steps, (("denoise", s.denoise),), f"{name}_{steps}")
+                for name, steps in parse_extra(s.extra, tuple(sampler_names)))
+  return (main,) + extra
+
+
+def check_sample_requests(config, objective) -> None:
+  """Each run of config.sample against the objective's own option list (ConfigError if not)."""
+  for req in sample_requests(config, objective.sampler_names):
+    try:
+      objective.check_options(req.check_options(), req.steps)
+    except ValueError as e:
+      where = f"config.sample.options={config.sample.options!r}"
+      if objective.sampler_names:
+        where += (f" / config.sample.extra={tuple(config.sample.extra)!r} is not allowed "
+                  f"with config.sample.sampler={config.sample.sampler!r}")
+      else:
+        where += " is not allowed"
+      raise ConfigError(f"{where}: {e}") from None

@@ -1,0 +1,164 @@
+"""Train states: create, restore, and the one training loop (`fit`) every trainer uses.
+
+  state = create_state(config, objective, spec, rng)        fresh params + AdamW + EMA
+  state, ckpt = restore_or_create(config, workdir, objective, spec)
+  state = restore_trained(config, workdir, objective, spec) the latest checkpoint, or an error
+  state = fit(objective, state, batches, ...)               jitted donated steps, metrics,
+                                                            NaN checks, checkpoints
+
+The diffusion/flow trainer (experiments/train.py) and the noise-conditional classifier of
+classifier guidance (experiments/guided.py) both train through `fit`: anything with
+`loss(params, batch, rng) -> (loss, metrics)` can be trained.
+"""
+from __future__ import annotations
+
+import sys
+import time
+from typing import Iterator, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from absl import logging
+
+from experiments import data as data_lib
+from experiments import workdir as wd
+from research.train_state import TrainState, make_optimizer
+
+
+class NonFiniteLossError(FloatingPointError):
+  """The training loss became NaN or inf."""
+
+
+def optimizer(config, total_steps: Optional[int] = None):
+  """(optax transformation, learning-rate schedule) of config.optim."""
+  o = config.optim
+  return make_optimizer(
+      learning_rate=o.learning_rate, warmup_steps=o.warmup_steps,
+      total_steps=config.train.steps if total_steps is None else total_steps,
+      weight_decay=o.weight_decay, grad_clip=o.grad_clip, b1=o.b1, b2=o.b2, schedule=o.schedule)
+
+
+def create_state(config, objective, spec, rng) -> TrainState:
+  """A fresh TrainState: params from objective.init on one batch, AdamW + schedule."""
+  first = next(data_lib.train_batches(config, spec, 0))
+  params = objective.init(rng, first)
+  tx, _ = optimizer(config)
+  return TrainState.create(params, tx, ema_decay=config.optim.ema_decay)
+
+
+def restore_or_create(config, workdir, objective, spec):
+  """(state, checkpointer): the latest checkpoint in workdir when there is one, else fresh."""
+  rng = jax.random.PRNGKey(config.seed)
+  state = create_state(config, objective, spec, jax.random.fold_in(rng, 0))
+  ckpt = wd.Checkpointer(workdir, keep=config.train.keep_ckpts)
+  latest = ckpt.latest_step()
+  if latest is not None:
+    state = ckpt.restore(state, latest)
+    logging.info("Resumed from checkpoint at step %d in %s", latest, ckpt.directory)
+  return state, ckpt
+
+
+def restore_trained(config, workdir: str, objective, spec) -> TrainState:
+  """The latest checkpoint's state; a clear error (not an untrained model) when there is none."""
+  ckpt = wd.Checkpointer(workdir, keep=config.train.keep_ckpts)
+  latest, directory = ckpt.latest_step(), ckpt.directory
+  ckpt.close()
+  if latest is None:
+    raise FileNotFoundError(
+        f"No checkpoint in {directory}: run --mode=train with this --workdir first "
+        "(sample, evaluate and sweep read the latest checkpoint).")
+  state, ckpt = restore_or_create(config, workdir, objective, spec)
+  ckpt.close()
+  return state
+
+
+def make_train_step(objective, lr_schedule):
+  """One optimisation step; `state` is donated, the step's RNG is fold_in(rng, step)."""
+
+  def step_fn(state: TrainState, batch, rng):
+    rng = jax.random.fold_in(rng, state.step)
+    (loss, metrics), grads = jax.value_and_grad(objective.loss, has_aux=True)(
+        state.params, batch, rng)
+    new_state = state.apply_gradients(grads)
+    metrics = dict(metrics)
+    metrics.update(
+        loss=loss, grad_norm=optax.global_norm(grads),
+        param_norm=optax.global_norm(new_state.params),
+        update_norm=optax.global_norm(jax.tree.map(jnp.subtract, new_state.params, state.params)),
+        learning_rate=lr_schedule(state.step))
+    return new_state, metrics
+
+  return jax.jit(step_fn, donate_argnums=(0,))
+
+
+def _progress(total: int, initial: int, enabled: bool, desc: str):
+  if not enabled:
+    return None
+  try:
+    from tqdm.auto import tqdm
+  except ImportError:  # tqdm is a dependency; this only guards odd environments
+    return None
+  return tqdm(total=total, initial=initial, desc=desc, file=sys.stderr, dynamic_ncols=True,
+              mininterval=1.0)
+
+
+def fit(objective, state: TrainState, batches: Iterator[dict], *, rng, lr_schedule,
+        total: int, ckpt: "wd.Checkpointer", writer: "wd.MetricWriter", split: str = "train",
+        log_every: int = 100, ckpt_every: Optional[int] = None, progress: bool = False,
+        nonfinite_hint: str = "") -> TrainState:
+  """Trains `state` from its step to `total` with objective.loss; returns the final state.
+
+  Every `log_every` steps (and at the end) the pending steps' losses are checked (a NaN or
+  inf raises NonFiniteLossError naming the step and the last good checkpoint, before anything
+  is saved) and the last step's metrics are written to `writer` under `split`, with
+  steps_per_sec. A checkpoint is saved every `ckpt_every` steps (None: only at the end) and
+  at the end. The checkpointer is closed on the way out, also on errors.
+  """
+  start = int(state.step)
+  step_fn = make_train_step(objective, lr_schedule)
+  bar = _progress(total, start, progress, split)
+  pending = []  # (step, metrics) not yet checked/logged: no host sync on every step
+  t_last, s_last = time.perf_counter(), start
+  ckpt_every = ckpt_every or total
+
+  def flush(step_now: int):
+    nonlocal pending, t_last, s_last
+    if not pending:
+      return
+    losses = np.asarray(jax.device_get([m["loss"] for _, m in pending]))
+    bad = np.flatnonzero(~np.isfinite(losses))
+    if bad.size:
+      bad_step = pending[int(bad[0])][0]
+      raise NonFiniteLossError(
+          f"Training loss is {losses[bad[0]]} at step {bad_step}. Stopped before saving; the "
+          f"last good checkpoint is step {ckpt.latest_step()}. {nonfinite_hint}".rstrip())
+    now = time.perf_counter()
+    sps = (step_now - s_last) / max(now - t_last, 1e-9)
+    t_last, s_last = now, step_now
+    last = {k: float(v) for k, v in jax.device_get(pending[-1][1]).items()}
+    last["steps_per_sec"] = sps
+    writer.write(step_now, split, last)
+    if bar is not None:
+      bar.set_postfix(loss=f"{last['loss']:.4f}", sps=f"{sps:.0f}")
+    pending = []
+
+  try:
+    for step in range(start, total):
+      batch = next(batches)
+      state, metrics = step_fn(state, batch, rng)
+      pending.append((step + 1, metrics))
+      done = step + 1
+      if bar is not None:
+        bar.update(1)
+      if done % log_every == 0 or done == total:
+        flush(done)
+      if done % ckpt_every == 0 or done == total:
+        flush(done)  # never checkpoint a state whose loss we have not checked
+        ckpt.save(done, state)
+  finally:
+    if bar is not None:
+      bar.close()
+    ckpt.close()
+  return state
