@@ -113,6 +113,9 @@ def load_split(config, split: str) -> Tuple[np.ndarray, Optional[np.ndarray],
     t0 = time.perf_counter()
     try:
       source = pipeline.open_source(config.data.name, split, data_dir(config), image_size=size)
+    except pipeline.DataNotFoundError as e:
+      raise ConfigError(f"config.data.name={config.data.name!r} is not allowed here: {e}"
+                        ) from None
     except ValueError as e:
       raise ConfigError(f"config.data (name={config.data.name!r}, image_size={size}): {e}") from e
     images, labels = pipeline.load_arrays(source)

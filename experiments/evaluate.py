@@ -33,6 +33,7 @@ from experiments import builders
 from experiments import data as data_lib
 from experiments import sample as sample_lib
 from experiments import workdir as wd
+from experiments.options import NonFiniteError
 from experiments.state import restore_trained
 from experiments.validate import likelihood_settings  # noqa: F401  (re-exported)
 from research.data import pipeline
@@ -189,4 +190,9 @@ def evaluate(config, workdir: str) -> Dict[str, Any]:
                {k: (float(f"{v:.4g}") if isinstance(v, float) else v)
                 for k, v in eval_metrics.items()})
   metrics.update(eval_metrics)
+  if eval_metrics.get("nll_nonfinite", 0.0) > 0:
+    raise NonFiniteError(
+        f"the test log-likelihood is NaN or inf on {eval_metrics['nll_nonfinite']:.1%} of the "
+        f"examples (checkpoint step {int(state.step)}; metrics.jsonl has the rest). Tighten "
+        "config.eval.likelihood.rtol/atol or raise t_min.")
   return metrics

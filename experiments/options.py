@@ -3,7 +3,8 @@
 The bottom floor of experiments/ (it imports nothing from experiments/). Allowed names are
 read from the library that owns them (registries and module constants), never copied here.
 
-  ConfigError                       a config field holds a value that is not allowed
+  UserError                         an anticipated failure (one line at the CLI), with the kinds
+    ConfigError, WorkdirError, CheckpointError, NonFiniteError
   field(config, "a.b")              the value at a dotted path
   fail(field, value, allowed)       raises ConfigError naming the field and what is allowed
   choice / positive_int / positive_float / unit_interval   one-line field checks
@@ -16,13 +17,30 @@ from __future__ import annotations
 
 import ast
 import dataclasses
+import math
 from typing import Any, Dict, Iterable, Optional, Tuple
 
 MODES = ("train", "sample", "evaluate", "sweep")
 
 
-class ConfigError(ValueError):
-  """A config field holds a value that is not allowed."""
+class UserError(Exception):
+  """An anticipated failure: the CLI prints its one-line message (traceback only with --debug)."""
+
+
+class ConfigError(UserError, ValueError):
+  """A config field (or flag) holds a value that is not allowed."""
+
+
+class WorkdirError(UserError, OSError):
+  """The workdir cannot be used: not writable, or held by another run."""
+
+
+class CheckpointError(UserError, FileNotFoundError):
+  """No usable checkpoint: none at all, every kept step damaged, or a different state."""
+
+
+class NonFiniteError(UserError, FloatingPointError):
+  """Training or sampling produced NaN or inf; nothing non-finite was saved."""
 
 
 def field(c, name: str):
@@ -49,16 +67,28 @@ def positive_int(c, name: str, zero_ok: bool = False):
     fail(name, v, "an integer " + (">= 0" if zero_ok else ">= 1"))
 
 
+def _is_number(v) -> bool:
+  return not isinstance(v, bool) and isinstance(v, (int, float)) and math.isfinite(v)
+
+
 def positive_float(c, name: str, zero_ok: bool = False):
   v = field(c, name)
-  if isinstance(v, bool) or not isinstance(v, (int, float)) or v < 0 or (v == 0 and not zero_ok):
-    fail(name, v, "a number " + (">= 0" if zero_ok else "> 0"))
+  if not _is_number(v) or v < 0 or (v == 0 and not zero_ok):
+    fail(name, v, "a finite number " + (">= 0" if zero_ok else "> 0"))
 
 
-def unit_interval(c, name: str):
+def unit_interval(c, name: str, *, low_open: bool = False, high_open: bool = False):
+  """A finite number in [0, 1], with either end excluded on request."""
   v = field(c, name)
-  if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0.0 <= v <= 1.0:
-    fail(name, v, "a number in [0, 1]")
+  if (not _is_number(v) or v < 0 or v > 1 or (low_open and v == 0)
+      or (high_open and v == 1)):
+    fail(name, v, f"a number in {'(' if low_open else '['}0, 1{')' if high_open else ']'}")
+
+
+def boolean(c, name: str):
+  v = field(c, name)
+  if not isinstance(v, bool):
+    fail(name, v, "True or False")
 
 
 def parse_options(text: str, name: str = "sample.options") -> Dict[str, Any]:
@@ -157,3 +187,97 @@ def check_sample_requests(config, objective) -> None:
       else:
         where += " is not allowed"
       raise ConfigError(f"{where}: {e}") from None
+
+
+# --- command-line overrides: --config.a.b=value ---------------------------------------------------
+
+def _dotted_fields(c, prefix="") -> list:
+  out = []
+  for k in c.keys():
+    v = c[k]
+    if hasattr(v, "keys") and not isinstance(v, dict):
+      out += _dotted_fields(v, f"{prefix}{k}.")
+    else:
+      out.append(f"{prefix}{k}")
+  return out
+
+
+def _close(name: str, names) -> str:
+  import difflib
+  near = difflib.get_close_matches(name, list(names), n=3, cutoff=0.6)
+  return f" Did you mean {' or '.join(repr('config.' + n) for n in near)}?" if near else ""
+
+
+def _convert(name: str, current, text: str):
+  """The override `text` as the type of the field's current value, or ConfigError."""
+  def bad(allowed):
+    raise ConfigError(f"--config.{name}={text!r} is not allowed: {allowed}.")
+
+  if isinstance(current, bool):
+    low = text.strip().lower()
+    if low in ("true", "1", "yes"):
+      return True
+    if low in ("false", "0", "no"):
+      return False
+    bad("True or False")
+  if isinstance(current, int):
+    try:
+      return int(text)
+    except ValueError:
+      bad("an integer")
+  if isinstance(current, float):
+    try:
+      return float(text)
+    except ValueError:
+      bad("a number")
+  if isinstance(current, str):
+    return text
+  try:
+    value = ast.literal_eval(text)
+  except (ValueError, SyntaxError):
+    if current is None:
+      return text
+    bad(f"a Python literal like its default {current!r}")
+  if isinstance(current, (tuple, list)):
+    if isinstance(value, list):
+      value = tuple(value)
+    if not isinstance(value, tuple):
+      bad(f"a tuple, e.g. {tuple(current)!r} (write one item as '(x,)')")
+  return value
+
+
+def split_overrides(argv) -> Tuple[list, list]:
+  """(argv without --config.* overrides, [(field, text), ...]) in command-line order."""
+  rest, overrides = [], []
+  for arg in argv:
+    m = arg.lstrip("-") if arg.startswith("--config.") or arg.startswith("-config.") else None
+    if m is None:
+      rest.append(arg)
+      continue
+    key, eq, text = m[len("config."):].partition("=")
+    overrides.append((key, text if eq else "true"))
+  return rest, overrides
+
+
+def apply_overrides(config, overrides) -> None:
+  """Sets each (dotted field, text) on the (locked) config; an unknown field or a value of the
+  wrong type raises ConfigError naming it, with close matches for a misspelt field."""
+  fields = _dotted_fields(config)
+  for key, text in overrides:
+    node, parts = config, key.split(".")
+    for part in parts[:-1]:
+      if part not in node or not hasattr(node[part], "keys"):
+        raise ConfigError(f"--config.{key}: config has no field {key!r}.{_close(key, fields)}")
+      node = node[part]
+    if parts[-1] not in node:
+      raise ConfigError(f"--config.{key}: config has no field {key!r}.{_close(key, fields)}")
+    current = node[parts[-1]]
+    if hasattr(current, "keys"):
+      raise ConfigError(f"--config.{key} is a group of fields; set one of them, e.g. "
+                        f"--config.{key}.{next(iter(current.keys()))}=...")
+    value = _convert(key, current, text)
+    try:
+      with config.ignore_type():
+        node[parts[-1]] = value
+    except (TypeError, ValueError) as e:
+      raise ConfigError(f"--config.{key}={text!r} is not allowed: {e}.") from None

@@ -17,7 +17,7 @@ from experiments import data as data_lib
 from experiments import image_metrics
 from experiments import plotting
 from experiments import workdir as wd
-from experiments.options import SampleRequest, sample_requests
+from experiments.options import NonFiniteError, SampleRequest, sample_requests
 from experiments.state import restore_trained
 from research.metrics.toy import toy_sample_metrics
 
@@ -65,6 +65,13 @@ def sample_and_evaluate(config, workdir: str, state=None,
   samples, info = draw_samples(config, objective, params, request, rng,
                                config.sample.num_samples, labels=labels)
   seconds = time.perf_counter() - t0
+  finite = np.isfinite(samples.reshape(samples.shape[0], -1)).all(axis=1)
+  if not finite.all():
+    raise NonFiniteError(
+        f"{int((~finite).sum())} of {len(samples)} samples of {tag!r} (checkpoint step "
+        f"{int(state.step)} in {workdir}) are NaN or inf; nothing was saved. Try another "
+        "sampler or more steps (--config.sample.sampler / --config.sample.steps), or an "
+        "earlier checkpoint.")
   wd.save_samples(workdir, tag, samples, labels)
   metrics: Dict[str, float] = {"tag": tag, "nfe": info["nfe"], "sample_seconds": seconds}
   if spec.kind == "toy":

@@ -24,11 +24,12 @@ from absl import logging
 
 from experiments import data as data_lib
 from experiments import workdir as wd
+from experiments.options import CheckpointError, NonFiniteError
 from research.train_state import TrainState, make_optimizer
 
 
-class NonFiniteLossError(FloatingPointError):
-  """The training loss became NaN or inf."""
+class NonFiniteLossError(NonFiniteError):
+  """Training became NaN or inf (loss, gradients, parameters or the update)."""
 
 
 def optimizer(config, total_steps: Optional[int] = None):
@@ -48,25 +49,34 @@ def create_state(config, objective, spec, rng) -> TrainState:
   return TrainState.create(params, tx, ema_decay=config.optim.ema_decay)
 
 
-def restore_or_create(config, workdir, objective, spec):
-  """(state, checkpointer): the latest checkpoint in workdir when there is one, else fresh."""
+def restore_or_create(config, workdir, objective, spec, *, quarantine: bool = False):
+  """(state, checkpointer): the newest restorable checkpoint in workdir, else a fresh state.
+
+  Damaged steps are skipped with a warning (and, with `quarantine`, moved aside so training
+  can write them again); a checkpoint of a different state raises CheckpointError naming the
+  changed config fields. The checkpointer is closed if anything raises.
+  """
   rng = jax.random.PRNGKey(config.seed)
   state = create_state(config, objective, spec, jax.random.fold_in(rng, 0))
   ckpt = wd.Checkpointer(workdir, keep=config.train.keep_ckpts)
-  latest = ckpt.latest_step()
-  if latest is not None:
-    state = ckpt.restore(state, latest)
-    logging.info("Resumed from checkpoint at step %d in %s", latest, ckpt.directory)
+  try:
+    restored, step = ckpt.restore_newest_good(state, config=config, quarantine=quarantine)
+  except BaseException:
+    ckpt.close()
+    raise
+  if restored is not None:
+    state = restored
+    logging.info("Resumed from checkpoint at step %d in %s", step, ckpt.directory)
   return state, ckpt
 
 
 def restore_trained(config, workdir: str, objective, spec) -> TrainState:
-  """The latest checkpoint's state; a clear error (not an untrained model) when there is none."""
+  """The newest good checkpoint's state; a clear error (not an untrained model) when none."""
   ckpt = wd.Checkpointer(workdir, keep=config.train.keep_ckpts)
   latest, directory = ckpt.latest_step(), ckpt.directory
   ckpt.close()
   if latest is None:
-    raise FileNotFoundError(
+    raise CheckpointError(
         f"No checkpoint in {directory}: run --mode=train with this --workdir first "
         "(sample, evaluate and sweep read the latest checkpoint).")
   state, ckpt = restore_or_create(config, workdir, objective, spec)
@@ -93,6 +103,10 @@ def make_train_step(objective, lr_schedule):
   return jax.jit(step_fn, donate_argnums=(0,))
 
 
+# Checked before every log row and checkpoint: a NaN/inf in any of them stops the run.
+_CHECKED = ("loss", "grad_norm", "param_norm", "update_norm")
+
+
 def _progress(total: int, initial: int, enabled: bool, desc: str):
   if not enabled:
     return None
@@ -110,13 +124,15 @@ def fit(objective, state: TrainState, batches: Iterator[dict], *, rng, lr_schedu
         nonfinite_hint: str = "") -> TrainState:
   """Trains `state` from its step to `total` with objective.loss; returns the final state.
 
-  Every `log_every` steps (and at the end) the pending steps' losses are checked (a NaN or
-  inf raises NonFiniteLossError naming the step and the last good checkpoint, before anything
-  is saved) and the last step's metrics are written to `writer` under `split`, with
+  Every `log_every` steps, before every checkpoint and at the end, the pending steps' loss,
+  gradient, parameter and update norms are checked (a NaN or inf raises NonFiniteLossError
+  naming the step and the last good checkpoint, before anything is saved) and the last
+  step's metrics are written to `writer` under `split`, with
   steps_per_sec. A checkpoint is saved every `ckpt_every` steps (None: only at the end) and
   at the end. The checkpointer is closed on the way out, also on errors.
   """
   start = int(state.step)
+  writer.drop_after(split, start)  # rows a killed run logged past its last checkpoint
   step_fn = make_train_step(objective, lr_schedule)
   bar = _progress(total, start, progress, split)
   pending = []  # (step, metrics) not yet checked/logged: no host sync on every step
@@ -127,13 +143,15 @@ def fit(objective, state: TrainState, batches: Iterator[dict], *, rng, lr_schedu
     nonlocal pending, t_last, s_last
     if not pending:
       return
-    losses = np.asarray(jax.device_get([m["loss"] for _, m in pending]))
-    bad = np.flatnonzero(~np.isfinite(losses))
-    if bad.size:
-      bad_step = pending[int(bad[0])][0]
-      raise NonFiniteLossError(
-          f"Training loss is {losses[bad[0]]} at step {bad_step}. Stopped before saving; the "
-          f"last good checkpoint is step {ckpt.latest_step()}. {nonfinite_hint}".rstrip())
+    checked = jax.device_get([{k: m[k] for k in _CHECKED if k in m} for _, m in pending])
+    for (bad_step, _), values in zip(pending, checked):
+      bad = {k: float(v) for k, v in values.items() if not np.isfinite(v)}
+      if bad:
+        what = ", ".join(f"{k}={v}" for k, v in bad.items())
+        raise NonFiniteLossError(
+            f"Training became non-finite at step {bad_step} ({what}). Stopped before saving; "
+            f"the last good checkpoint is step {ckpt.latest_step()} in {ckpt.directory}. "
+            f"{nonfinite_hint}".rstrip())
     now = time.perf_counter()
     sps = (step_now - s_last) / max(now - t_last, 1e-9)
     t_last, s_last = now, step_now

@@ -17,15 +17,16 @@ def train(config, workdir: str) -> TrainState:
   """Trains `config` in `workdir` (resuming if checkpoints exist) and returns the final state."""
   spec = data_lib.build_data_spec(config)
   objective = builders.build_objective(config, spec)
-  wd.write_config(workdir, config)
+  state, ckpt = restore_or_create(config, workdir, objective, spec, quarantine=True)
+  wd.write_config(workdir, config)  # after the restore: its check compares with the old one
   writer = wd.MetricWriter(workdir)
-  state, ckpt = restore_or_create(config, workdir, objective, spec)
   start = int(state.step)
   total = config.train.steps
   n_params = sum(int(np.prod(p.shape)) for p in jax.tree.leaves(state.params))
   logging.info("Model %s: %s parameters; training steps %d -> %d", builders.describe(config),
                f"{n_params:,}", start, total)
   if start == 0:
+    writer.drop_after("info", -1)  # a run killed before its first checkpoint logged one
     writer.write(0, "info", {"num_params": n_params})
   if start >= total:
     logging.info("Checkpoint already at step %d >= train.steps=%d: nothing to train.", start, total)

@@ -15,9 +15,9 @@ from typing import Any, Dict
 from configs import base as base_config
 from experiments import builders
 from experiments import data as data_lib
-from experiments.options import (MODES, ConfigError, check_sample_requests, choice, fail,
-                                 parse_extra, parse_options, positive_float, positive_int,
-                                 unit_interval)
+from experiments.options import (MODES, ConfigError, boolean, check_sample_requests, choice,
+                                 fail, parse_extra, parse_options, positive_float,
+                                 positive_int, unit_interval)
 from kernels.attention import available_implementations
 from research.data import toy
 from research.diffusion import likelihood as likelihood_lib
@@ -45,6 +45,14 @@ def _data(config):
   positive_float(config, "data.radius")
   if name == "checkerboard" and config.data.dim != 2:
     fail("data.dim", config.data.dim, "2 for the checkerboard")
+  if name in ("ring", "grid") and config.data.dim < 2:
+    fail("data.dim", config.data.dim, f"an integer >= 2 for {name!r} (its means lie in the "
+         "first two coordinates)")
+  boolean(config, "data.conditional")
+  boolean(config, "data.random_flip")
+  positive_int(config, "data.image_size", zero_ok=True)
+  if not isinstance(config.data.data_dir, str):
+    fail("data.data_dir", config.data.data_dir, "a directory path, or '' for the default")
 
 
 def _model(config):
@@ -52,7 +60,7 @@ def _model(config):
   positive_int(config, "model.hidden")
   positive_int(config, "model.depth")
   choice(config, "model.time_embedding", TIME_EMBEDDINGS)
-  unit_interval(config, "model.dropout")
+  unit_interval(config, "model.dropout", high_open=True)
   choice(config, "model.attention_impl", ("auto",) + tuple(available_implementations()))
   if config.model.name != "unet":
     return
@@ -119,13 +127,14 @@ def _optim_and_loop(config):
   positive_int(config, "optim.warmup_steps", zero_ok=True)
   positive_float(config, "optim.weight_decay", zero_ok=True)
   positive_float(config, "optim.grad_clip", zero_ok=True)
-  unit_interval(config, "optim.b1")
-  unit_interval(config, "optim.b2")
-  unit_interval(config, "optim.ema_decay")
+  unit_interval(config, "optim.b1", high_open=True)
+  unit_interval(config, "optim.b2", low_open=True, high_open=True)
+  unit_interval(config, "optim.ema_decay", high_open=True)
   positive_int(config, "train.steps")
   positive_int(config, "train.log_every")
   positive_int(config, "train.ckpt_every")
   positive_int(config, "train.keep_ckpts")
+  boolean(config, "train.progress")
 
 
 def _sampling_and_eval(config):
@@ -133,6 +142,10 @@ def _sampling_and_eval(config):
   positive_int(config, "sample.steps")
   positive_int(config, "sample.num_samples")
   positive_int(config, "sample.batch_size")
+  boolean(config, "sample.denoise")
+  boolean(config, "sample.use_ema")
+  if not isinstance(config.sample.tag, str) or "/" in config.sample.tag:
+    fail("sample.tag", config.sample.tag, "a file name without '/' ('' = '<sampler>_<steps>')")
   parse_options(config.sample.options)
   parse_extra(config.sample.extra, tuple(samplers.available()))
   positive_int(config, "eval.num_reference")

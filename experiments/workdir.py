@@ -1,12 +1,28 @@
-"""Workdir I/O: config.json, metrics.jsonl, checkpoints, samples and figures (DESIGN.md contract)."""
+"""Workdir I/O: config.json, metrics.jsonl, checkpoints, samples, figures, the lock (DESIGN.md).
+
+  WorkdirLock(workdir)      fcntl lock on WORKDIR/.lock held by every mode that writes; a second
+                            run on the same workdir is refused naming the holder's PID
+  MetricWriter(workdir)     appends rows to metrics.jsonl; `drop_after` removes rows of a split
+                            past a restored step, so a resumed run logs each step once
+  Checkpointer(workdir)     orbax CheckpointManager: a declined save raises, a restore falls
+                            back over damaged steps to the newest good one, a checkpoint of a
+                            different state is refused naming the config fields that changed
+"""
 from __future__ import annotations
 
+import datetime
+import fcntl
 import json
 import os
+import shutil
 import tempfile
-from typing import Any, Dict, Optional
+from typing import Any, Dict, List, Optional
 
+import jax
 import numpy as np
+from absl import logging
+
+from experiments.options import CheckpointError, WorkdirError
 
 
 def _jsonable(v):
@@ -15,6 +31,49 @@ def _jsonable(v):
   if hasattr(v, "item") and getattr(v, "shape", None) == ():
     return v.item()
   return v
+
+
+class WorkdirLock:
+  """An exclusive lock on WORKDIR/.lock (fcntl.flock), released when closed or when the
+  process dies. Refuses, with one line naming the holder's PID, while another run holds it."""
+
+  def __init__(self, workdir: str):
+    self.workdir = workdir
+    self.path = os.path.join(workdir or ".", ".lock")
+    self._fd: Optional[int] = None
+
+  def acquire(self) -> "WorkdirLock":
+    if not self.workdir:
+      raise WorkdirError("--workdir='' is not allowed: a directory to write the run into.")
+    try:
+      os.makedirs(self.workdir, exist_ok=True)
+      fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as e:
+      raise WorkdirError(f"--workdir={self.workdir!r} cannot be written ({e.strerror}): give a "
+                         "directory this user can create and write.") from None
+    try:
+      fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+      holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "unknown"
+      os.close(fd)
+      raise WorkdirError(f"--workdir={self.workdir!r} is in use by another run (pid {holder}): "
+                         "wait for it to finish, or use another --workdir.") from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    self._fd = fd
+    return self
+
+  def release(self) -> None:
+    if self._fd is not None:
+      fcntl.flock(self._fd, fcntl.LOCK_UN)
+      os.close(self._fd)
+      self._fd = None
+
+  def __enter__(self):
+    return self.acquire()
+
+  def __exit__(self, *exc):
+    self.release()
 
 
 class MetricWriter:
@@ -30,6 +89,26 @@ class MetricWriter:
     with open(self.path, "a") as f:
       f.write(json.dumps(row) + "\n")
 
+  def drop_after(self, split: str, step: int) -> int:
+    """Removes rows of `split` with a step > `step` (logged past a checkpoint a resumed run
+    restarts from); returns how many. The file is rewritten atomically."""
+    if not os.path.exists(self.path):
+      return 0
+    with open(self.path) as f:
+      lines = [line for line in f if line.strip()]
+    keep = []
+    for line in lines:
+      try:
+        row = json.loads(line)
+      except json.JSONDecodeError:  # a torn last line of a killed run
+        continue
+      if not (row.get("split") == split and int(row.get("step", -1)) > step):
+        keep.append(line if line.endswith("\n") else line + "\n")
+    dropped = len(lines) - len(keep)
+    if dropped:
+      atomic_write_bytes(self.path, "".join(keep).encode())
+    return dropped
+
 
 def read_metrics(workdir: str):
   path = os.path.join(workdir, "metrics.jsonl")
@@ -37,6 +116,36 @@ def read_metrics(workdir: str):
     return []
   with open(path) as f:
     return [json.loads(line) for line in f if line.strip()]
+
+
+def read_config(workdir: str) -> Optional[Dict[str, Any]]:
+  """The config.json a previous run wrote (a plain dict), or None."""
+  path = os.path.join(workdir, "config.json")
+  try:
+    with open(path) as f:
+      return json.load(f)
+  except (OSError, json.JSONDecodeError):
+    return None
+
+
+def _flat(d, prefix="") -> Dict[str, Any]:
+  out = {}
+  for k, v in d.items():
+    if isinstance(v, dict):
+      out.update(_flat(v, f"{prefix}{k}."))
+    else:
+      out[f"{prefix}{k}"] = tuple(v) if isinstance(v, list) else v
+  return out
+
+
+def config_changes(old: Optional[Dict[str, Any]], config) -> List[str]:
+  """'field: old -> new' for every config field that differs from a saved config.json."""
+  if old is None:
+    return []
+  new = _flat(json.loads(config.to_json()))
+  old = _flat(old)
+  return [f"{k}: {old.get(k, '(absent)')!r} -> {new.get(k, '(absent)')!r}"
+          for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
 
 
 def atomic_write_bytes(path: str, data: bytes) -> None:
@@ -69,29 +178,121 @@ def figure_path(workdir: str, tag: str) -> str:
   return os.path.join(workdir, "figures", f"{tag}.png")
 
 
+def _path_str(path) -> str:
+  parts = []
+  for k in path:
+    for attr in ("name", "key", "idx"):
+      if hasattr(k, attr):
+        parts.append(str(getattr(k, attr)))
+        break
+    else:
+      parts.append(str(k))
+  return "/".join(parts)
+
+
+def tree_structure(tree) -> Dict[str, tuple]:
+  """{'params/Dense_0/kernel': shape, ...} of a pytree of arrays (or of orbax metadata)."""
+  leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
+  return {_path_str(p): tuple(getattr(v, "shape", ())) for p, v in leaves}
+
+
+def _first_line(e: BaseException) -> str:
+  text = str(e).strip().splitlines()
+  return f"{type(e).__name__}: {text[0] if text else ''}"[:300]
+
+
 class Checkpointer:
-  """orbax CheckpointManager around a TrainState: atomic saves, keep K, restore the latest."""
+  """orbax CheckpointManager around a TrainState: atomic saves, keep K, restore the newest good."""
 
   def __init__(self, workdir: str, keep: int = 3):
     import orbax.checkpoint as ocp
     self._ocp = ocp
+    self.workdir = workdir
     self.directory = os.path.abspath(os.path.join(workdir, "checkpoints"))
     self.manager = ocp.CheckpointManager(
-        self.directory, options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True))
+        self.directory, options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True),
+        item_handlers=ocp.StandardCheckpointHandler())
 
   def latest_step(self) -> Optional[int]:
     return self.manager.latest_step()
 
+  def all_steps(self) -> List[int]:
+    return sorted(self.manager.all_steps())
+
   def save(self, step: int, state) -> None:
-    self.manager.save(step, args=self._ocp.args.StandardSave(state))
+    saved = self.manager.save(step, args=self._ocp.args.StandardSave(state))
+    if not saved:
+      raise CheckpointError(f"orbax declined to save step {step} in {self.directory} (kept "
+                            f"steps: {self.all_steps()}); nothing was written for it.")
 
   def restore(self, state, step: Optional[int] = None):
     step = self.manager.latest_step() if step is None else step
     return self.manager.restore(step, args=self._ocp.args.StandardRestore(state))
 
+  def _check_structure(self, state, step: int) -> None:
+    """Refuses a checkpoint whose arrays differ from `state`'s, naming the changed fields."""
+    want = tree_structure(state)
+    have = tree_structure(self.manager.item_metadata(step))
+    if want == have:
+      return
+    if not have:  # a damaged step, not a different state
+      raise ValueError(f"step {step} has no readable array metadata (default/_METADATA is "
+                       "missing or damaged)")
+    diff = sorted(set(want.items()) ^ set(have.items()))
+    example = ", ".join(f"{p} {s}" for p, s in diff[:3])
+    raise CheckpointError(
+        f"the checkpoint at step {step} in {self.directory} holds a different train state "
+        f"than this config builds ({len(diff)} arrays differ, e.g. {example})")
+
+  def restore_newest_good(self, state, *, config=None, quarantine: bool = False):
+    """(restored state, step): the newest kept step that restores, trying older ones when one
+    is damaged (a warning each, naming the step and the reason). A checkpoint of a different
+    state (changed model, optimizer, ...) raises CheckpointError naming the config fields
+    that changed since config.json was written. `quarantine` moves damaged steps aside to
+    WORKDIR/checkpoints_damaged/ so training can write those steps again."""
+    steps = self.all_steps()[::-1]
+    reasons = []
+    for step in steps:
+      try:
+        self._check_structure(state, step)
+        restored = self.restore(state, step)
+      except CheckpointError as e:
+        changes = config_changes(read_config(self.workdir), config) if config is not None else []
+        hint = ("; config fields changed since it was written: " + "; ".join(changes)
+                if changes else "")
+        raise CheckpointError(f"{e}{hint}. Use a new --workdir, or set those fields back."
+                              ) from None
+      except Exception as e:  # a damaged step: any error orbax or tensorstore raises
+        reasons.append(f"step {step}: {_first_line(e)}")
+        logging.warning("Checkpoint step %d in %s cannot be restored (%s); trying an older "
+                        "one.", step, self.directory, _first_line(e))
+        if quarantine:
+          self._quarantine(step)
+        continue
+      if reasons:
+        logging.warning("Restored step %d instead of the newest (%s).", step, "; ".join(reasons))
+      return restored, step
+    if reasons:
+      raise CheckpointError(f"no kept checkpoint in {self.directory} can be restored: "
+                            + "; ".join(reasons) + ". Delete the directory to start over.")
+    return None, None
+
+  def _quarantine(self, step: int) -> None:
+    src = os.path.join(self.directory, str(step))
+    if not os.path.isdir(src):
+      return
+    stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+    dst = os.path.join(os.path.dirname(self.directory), "checkpoints_damaged", f"{step}-{stamp}")
+    os.makedirs(os.path.dirname(dst), exist_ok=True)
+    shutil.move(src, dst)
+    logging.warning("Moved the damaged step %d to %s.", step, dst)
+    self.manager.reload()
+
   def wait(self) -> None:
     self.manager.wait_until_finished()
 
   def close(self) -> None:
-    self.manager.wait_until_finished()
-    self.manager.close()
+    try:
+      self.manager.wait_until_finished()
+    finally:
+      self.manager.close()

@@ -54,8 +54,9 @@ def make_optimizer(*, learning_rate: float, warmup_steps: int, total_steps: int,
          optax.constant_schedule(learning_rate)], [warmup_steps])
   else:
     raise ValueError(f"optim.schedule={schedule!r}; allowed: 'cosine', 'constant'.")
-  chain = []
-  if grad_clip and grad_clip > 0:
-    chain.append(optax.clip_by_global_norm(grad_clip))
-  chain.append(optax.adamw(lr, b1=b1, b2=b2, weight_decay=weight_decay))
-  return optax.chain(*chain), lr
+  # The clipping transform is always there (max norm inf when grad_clip <= 0, which leaves
+  # every finite gradient unchanged), so toggling grad_clip keeps the optimizer state's
+  # structure and a run can resume with it changed.
+  max_norm = grad_clip if grad_clip and grad_clip > 0 else float("inf")
+  return optax.chain(optax.clip_by_global_norm(max_norm),
+                     optax.adamw(lr, b1=b1, b2=b2, weight_decay=weight_decay)), lr
