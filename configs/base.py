@@ -37,6 +37,7 @@ def get_config(arg=None):
   m.num_res_blocks = 2            # unet: residual blocks per resolution
   m.attn_resolutions = (8,)       # unet: resolutions (in px) with self-attention
   m.num_heads = 4                 # unet: attention heads
+  m.remat = False                 # unet: rematerialise each block in the backward pass (less memory, more compute)
 
   # --- objective ------------------------------------------------------------------------------
   c.objective = "diffusion"       # diffusion | flow | flow_matching
@@ -70,6 +71,12 @@ def get_config(arg=None):
   t.ckpt_every = 1000             # checkpoint every N steps (and at the end)
   t.keep_ckpts = 3                # checkpoints kept on disk
   t.progress = True               # tqdm progress bar on stderr
+  t.compute_dtype = "float32"     # float32 | bfloat16: activations and attention (params and optimizer stay float32)
+
+  # --- devices (experiments/mesh.py) ------------------------------------------------------------
+  c.mesh = ms = ml_collections.ConfigDict()
+  ms.data = -1                    # data-parallel axis size (-1 = the devices the other axis leaves)
+  ms.fsdp = 1                     # fully-sharded axis: the batch AND each state array's largest divisible dim
 
   # --- sampling (after training, and --mode=sample) ---------------------------------------------
   c.sample = s = ml_collections.ConfigDict()

@@ -10,6 +10,7 @@ datasets this targets fit in RAM).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 import time
 from typing import Any, Dict, Iterator, Optional, Tuple
@@ -18,6 +19,7 @@ import jax
 import numpy as np
 from absl import logging
 
+from experiments import mesh as mesh_lib
 from experiments.options import ConfigError
 from research.data import pipeline
 from research.data import toy
@@ -53,21 +55,33 @@ def build_data_spec(config) -> DataSpec:
   return image_data_spec(config)
 
 
-def train_batches(config, spec: DataSpec, start_step: int) -> Iterator[dict]:
-  """Batches for steps start_step, start_step+1, ...; batch i depends only on (seed, i).
+def train_batches(config, spec: DataSpec, start_step: int, mesh=None) -> Iterator[dict]:
+  """Global batches for steps start_step, start_step+1, ...; batch i depends only on (seed, i).
 
-  That makes a resumed run see exactly the batches an uninterrupted run would have seen.
+  That makes a resumed run see exactly the batches an uninterrupted run would have seen, on
+  any number of devices. With a `mesh` every batch is one global jax.Array split over its
+  batch axes: toy batches are generated on the devices (each computes its rows; random bits
+  are partitionable, so the values do not depend on the device count), and image batches
+  are read by each process for its own rows only and assembled with
+  jax.make_array_from_process_local_data.
   """
+  sharding = None if mesh is None else mesh_lib.batch_sharding(mesh)
   if spec.kind == "image":
     images, labels, _ = load_split(config, "train")
-    yield from pipeline.train_batches(
+    local = pipeline.train_batches(
         images, labels, batch_size=config.data.batch_size, seed=config.seed,
-        start_step=start_step, random_flip=config.data.random_flip)
+        start_step=start_step, random_flip=config.data.random_flip,
+        process_index=jax.process_index(), process_count=jax.process_count())
+    for batch in local:
+      if sharding is None:
+        yield batch
+      else:
+        yield {k: jax.make_array_from_process_local_data(sharding, v) for k, v in batch.items()}
     return
   data_rng = jax.random.fold_in(jax.random.PRNGKey(config.seed), 1)
   n = config.data.batch_size
 
-  @jax.jit
+  @functools.partial(jax.jit, out_shardings=sharding)
   def make(step):
     x, labels = spec.toy.sample(jax.random.fold_in(data_rng, step), n)
     batch = {"x": x}

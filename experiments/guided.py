@@ -185,6 +185,8 @@ def _draw(config, make_score, sde, dims, labels: np.ndarray, scale: float, rng):
 
 
 def _summary_figure(path: str, kind: str, rows, fd_key: str = "") -> None:
+  if path is None:  # not the writing process
+    return
   plt = plotting.pyplot()
   scales = [r["scale"] for r in rows]
   fig, ax = plt.subplots(1, 2, figsize=(8, 3.2), dpi=110)

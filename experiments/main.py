@@ -43,7 +43,48 @@ flags.DEFINE_enum("mode", "train", list(MODES),
 flags.DEFINE_bool("debug", False, "Disable jit and enable NaN checks so pdb/breakpoint() work "
                   "inside models (slow); show full tracebacks.")
 
+flags.DEFINE_string("coordinator_address", None, "Multi-host: host:port of process 0's "
+                    "coordinator (every process passes the same); with --num_processes and "
+                    "--process_id.")
+flags.DEFINE_integer("num_processes", None, "Multi-host: the number of processes.")
+flags.DEFINE_integer("process_id", None, "Multi-host: this process's index in [0, num_processes).")
+flags.DEFINE_bool("distributed", False, "Multi-host: jax.distributed.initialize() with no "
+                  "arguments, where the platform discovers them (TPU pods, SLURM, ...).")
+
 EXIT_USER_ERROR = 2
+
+
+def initialize_distributed(coordinator_address=None, num_processes=None, process_id=None,
+                           auto=False) -> bool:
+  """Starts JAX's distributed runtime before anything touches a device; True if started.
+
+  On CPU the processes reach each other through gloo collectives (e.g. several processes on
+  127.0.0.1 for tests); on GPU/TPU through the platform's own.
+  """
+  given = [coordinator_address, num_processes, process_id]
+  if not auto and all(v is None for v in given):
+    return False
+  if not auto and any(v is None for v in given):
+    raise ConfigError("--coordinator_address, --num_processes and --process_id go together "
+                      f"(got {coordinator_address!r}, {num_processes!r}, {process_id!r}); or "
+                      "pass --distributed where the platform provides them.")
+  if not auto and not 0 <= process_id < num_processes:
+    raise ConfigError(f"--process_id={process_id} is not allowed: 0 <= process_id < "
+                      f"--num_processes={num_processes}.")
+  platforms = os.environ.get("JAX_PLATFORMS", "") or ""
+  if platforms.startswith("cpu"):
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+  try:
+    if auto:
+      jax.distributed.initialize()
+    else:
+      jax.distributed.initialize(coordinator_address=coordinator_address,
+                                 num_processes=num_processes, process_id=process_id)
+  except (RuntimeError, ValueError) as e:
+    raise ConfigError(f"jax.distributed.initialize failed: {_first_line(e)}") from None
+  logging.info("Process %d of %d; %d local / %d global devices.", jax.process_index(),
+               jax.process_count(), jax.local_device_count(), jax.device_count())
+  return True
 
 
 def run(config, workdir: str, mode: str = "train", debug: bool = False):
@@ -143,6 +184,8 @@ def cli(argv: Optional[Sequence[str]] = None) -> int:
   debug = "--debug" in argv
   try:
     config, workdir, mode, debug = parse_flags(argv)
+    initialize_distributed(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id,
+                           FLAGS.distributed)
     run(config, workdir, mode, debug)
   except UserError as e:
     if debug or logging.get_verbosity() > 0:

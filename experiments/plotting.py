@@ -15,6 +15,8 @@ def pyplot():
 def scatter(path: str, samples, reference=None, title: str = "", labels=None,
             max_points: int = 5000) -> str:
   """2-D scatter of the first two coordinates (reference data in grey underneath)."""
+  if path is None:  # not the writing process
+    return None
   plt = pyplot()
   fig, ax = plt.subplots(figsize=(5, 5), dpi=110)
   s = np.asarray(samples)[:max_points]
@@ -38,6 +40,8 @@ def scatter(path: str, samples, reference=None, title: str = "", labels=None,
 
 def image_grid(path: str, images, nrow: int = 10, title: str = "") -> str:
   """Grid of images in [-1, 1], shape [N, H, W, C]."""
+  if path is None:  # not the writing process
+    return None
   plt = pyplot()
   x = np.clip((np.asarray(images) + 1) / 2, 0, 1)
   n = min(len(x), nrow * nrow)

@@ -12,6 +12,7 @@ classifier guidance (experiments/guided.py) both train through `fit`: anything w
 """
 from __future__ import annotations
 
+import contextlib
 import sys
 import time
 from typing import Iterator, Optional
@@ -23,6 +24,7 @@ import optax
 from absl import logging
 
 from experiments import data as data_lib
+from experiments import mesh as mesh_lib
 from experiments import workdir as wd
 from experiments.options import CheckpointError, NonFiniteError
 from research.train_state import TrainState, make_optimizer
@@ -41,15 +43,26 @@ def optimizer(config, total_steps: Optional[int] = None):
       weight_decay=o.weight_decay, grad_clip=o.grad_clip, b1=o.b1, b2=o.b2, schedule=o.schedule)
 
 
-def create_state(config, objective, spec, rng) -> TrainState:
-  """A fresh TrainState: params from objective.init on one batch, AdamW + schedule."""
-  first = next(data_lib.train_batches(config, spec, 0))
-  params = objective.init(rng, first)
+def create_state(config, objective, spec, rng, mesh=None) -> TrainState:
+  """A fresh TrainState: params from objective.init on one batch, AdamW + schedule.
+
+  With a `mesh` the state is created by one jitted init whose outputs are laid out by
+  mesh.state_shardings (so an fsdp-sharded model never exists whole on one device).
+  """
+  first = next(data_lib.train_batches(config, spec, 0, mesh))
   tx, _ = optimizer(config)
-  return TrainState.create(params, tx, ema_decay=config.optim.ema_decay)
+
+  def make(rng, batch):
+    return TrainState.create(objective.init(rng, batch), tx, ema_decay=config.optim.ema_decay)
+
+  if mesh is None:
+    return make(rng, first)
+  shardings = mesh_lib.state_shardings(jax.eval_shape(make, rng, first), mesh)
+  with jax.set_mesh(mesh):
+    return jax.jit(make, out_shardings=shardings)(rng, first)
 
 
-def restore_or_create(config, workdir, objective, spec, *, quarantine: bool = False):
+def restore_or_create(config, workdir, objective, spec, *, quarantine: bool = False, mesh=None):
   """(state, checkpointer): the newest restorable checkpoint in workdir, else a fresh state.
 
   Damaged steps are skipped with a warning (and, with `quarantine`, moved aside so training
@@ -57,9 +70,9 @@ def restore_or_create(config, workdir, objective, spec, *, quarantine: bool = Fa
   changed config fields. The checkpointer is closed if anything raises.
   """
   rng = jax.random.PRNGKey(config.seed)
-  state = create_state(config, objective, spec, jax.random.fold_in(rng, 0))
+  state = create_state(config, objective, spec, jax.random.fold_in(rng, 0), mesh)
   ckpt = wd.Checkpointer(workdir, keep=config.train.keep_ckpts)
-  try:
+  try:  # restored into the shardings of `state`: any device count resumes any checkpoint
     restored, step = ckpt.restore_newest_good(state, config=config, quarantine=quarantine)
   except BaseException:
     ckpt.close()
@@ -70,7 +83,7 @@ def restore_or_create(config, workdir, objective, spec, *, quarantine: bool = Fa
   return state, ckpt
 
 
-def restore_trained(config, workdir: str, objective, spec) -> TrainState:
+def restore_trained(config, workdir: str, objective, spec, mesh=None) -> TrainState:
   """The newest good checkpoint's state; a clear error (not an untrained model) when none."""
   ckpt = wd.Checkpointer(workdir, keep=config.train.keep_ckpts)
   latest, directory = ckpt.latest_step(), ckpt.directory
@@ -79,13 +92,17 @@ def restore_trained(config, workdir: str, objective, spec) -> TrainState:
     raise CheckpointError(
         f"No checkpoint in {directory}: run --mode=train with this --workdir first "
         "(sample, evaluate and sweep read the latest checkpoint).")
-  state, ckpt = restore_or_create(config, workdir, objective, spec)
+  state, ckpt = restore_or_create(config, workdir, objective, spec, mesh=mesh)
   ckpt.close()
   return state
 
 
-def make_train_step(objective, lr_schedule):
-  """One optimisation step; `state` is donated, the step's RNG is fold_in(rng, step)."""
+def make_train_step(objective, lr_schedule, state=None, mesh=None):
+  """One optimisation step; `state` is donated, the step's RNG is fold_in(rng, step).
+
+  With a `mesh`, one jit with explicit shardings: the state keeps the layout it has (from
+  create_state), the batch is split over the batch axes, rng and metrics are replicated.
+  """
 
   def step_fn(state: TrainState, batch, rng):
     rng = jax.random.fold_in(rng, state.step)
@@ -100,7 +117,12 @@ def make_train_step(objective, lr_schedule):
         learning_rate=lr_schedule(state.step))
     return new_state, metrics
 
-  return jax.jit(step_fn, donate_argnums=(0,))
+  if mesh is None:
+    return jax.jit(step_fn, donate_argnums=(0,))
+  state_sh = jax.tree.map(lambda x: x.sharding, state)
+  repl = mesh_lib.replicated(mesh)
+  return jax.jit(step_fn, in_shardings=(state_sh, mesh_lib.batch_sharding(mesh), repl),
+                 out_shardings=(state_sh, repl), donate_argnums=(0,))
 
 
 # Checked before every log row and checkpoint: a NaN/inf in any of them stops the run.
@@ -121,7 +143,7 @@ def _progress(total: int, initial: int, enabled: bool, desc: str):
 def fit(objective, state: TrainState, batches: Iterator[dict], *, rng, lr_schedule,
         total: int, ckpt: "wd.Checkpointer", writer: "wd.MetricWriter", split: str = "train",
         log_every: int = 100, ckpt_every: Optional[int] = None, progress: bool = False,
-        nonfinite_hint: str = "") -> TrainState:
+        nonfinite_hint: str = "", mesh=None) -> TrainState:
   """Trains `state` from its step to `total` with objective.loss; returns the final state.
 
   Every `log_every` steps, before every checkpoint and at the end, the pending steps' loss,
@@ -133,7 +155,9 @@ def fit(objective, state: TrainState, batches: Iterator[dict], *, rng, lr_schedu
   """
   start = int(state.step)
   writer.drop_after(split, start)  # rows a killed run logged past its last checkpoint
-  step_fn = make_train_step(objective, lr_schedule)
+  step_fn = make_train_step(objective, lr_schedule, state, mesh)
+  if mesh is not None:
+    rng = jax.device_put(rng, mesh_lib.replicated(mesh))
   bar = _progress(total, start, progress, split)
   pending = []  # (step, metrics) not yet checked/logged: no host sync on every step
   t_last, s_last = time.perf_counter(), start
@@ -162,19 +186,21 @@ def fit(objective, state: TrainState, batches: Iterator[dict], *, rng, lr_schedu
       bar.set_postfix(loss=f"{last['loss']:.4f}", sps=f"{sps:.0f}")
     pending = []
 
+  context = jax.set_mesh(mesh) if mesh is not None else contextlib.nullcontext()
   try:
-    for step in range(start, total):
-      batch = next(batches)
-      state, metrics = step_fn(state, batch, rng)
-      pending.append((step + 1, metrics))
-      done = step + 1
-      if bar is not None:
-        bar.update(1)
-      if done % log_every == 0 or done == total:
-        flush(done)
-      if done % ckpt_every == 0 or done == total:
-        flush(done)  # never checkpoint a state whose loss we have not checked
-        ckpt.save(done, state)
+    with context:  # the model's shard_map'ed kernels see the mesh
+      for step in range(start, total):
+        batch = next(batches)
+        state, metrics = step_fn(state, batch, rng)
+        pending.append((step + 1, metrics))
+        done = step + 1
+        if bar is not None:
+          bar.update(1)
+        if done % log_every == 0 or done == total:
+          flush(done)
+        if done % ckpt_every == 0 or done == total:
+          flush(done)  # never checkpoint a state whose loss we have not checked
+          ckpt.save(done, state)
   finally:
     if bar is not None:
       bar.close()

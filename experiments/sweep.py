@@ -57,6 +57,8 @@ def _headline_metric(config, spec) -> str:
 
 
 def _plot(rows, path, key):
+  if path is None:  # not the writing process
+    return
   if not any(key in r for r in rows):  # e.g. samples outside a bounded support: no logp_gap
     key = "sliced_wasserstein" if any("sliced_wasserstein" in r for r in rows) else "nfe"
   plt = plotting.pyplot()

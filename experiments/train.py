@@ -7,6 +7,7 @@ from absl import logging
 
 from experiments import builders
 from experiments import data as data_lib
+from experiments import mesh as mesh_lib
 from experiments import state as state_lib
 from experiments import workdir as wd
 from experiments.state import NonFiniteLossError, restore_or_create  # noqa: F401  (re-exported)
@@ -17,26 +18,32 @@ def train(config, workdir: str) -> TrainState:
   """Trains `config` in `workdir` (resuming if checkpoints exist) and returns the final state."""
   spec = data_lib.build_data_spec(config)
   objective = builders.build_objective(config, spec)
-  state, ckpt = restore_or_create(config, workdir, objective, spec, quarantine=True)
+  mesh = mesh_lib.build_mesh(config)
+  mesh_lib.check_batch(config, mesh)
+  state, ckpt = restore_or_create(config, workdir, objective, spec, quarantine=True, mesh=mesh)
   wd.write_config(workdir, config)  # after the restore: its check compares with the old one
   writer = wd.MetricWriter(workdir)
   start = int(state.step)
   total = config.train.steps
   n_params = sum(int(np.prod(p.shape)) for p in jax.tree.leaves(state.params))
-  logging.info("Model %s: %s parameters; training steps %d -> %d", builders.describe(config),
-               f"{n_params:,}", start, total)
+  devices = mesh_lib.describe(mesh)
+  logging.info("Model %s: %s parameters; training steps %d -> %d on %d device(s) in %d "
+               "process(es), mesh data x fsdp = %d x %d, compute %s", builders.describe(config),
+               f"{n_params:,}", start, total, devices["num_devices"], devices["num_processes"],
+               devices["mesh_data"], devices["mesh_fsdp"], config.train.compute_dtype)
   if start == 0:
     writer.drop_after("info", -1)  # a run killed before its first checkpoint logged one
-    writer.write(0, "info", {"num_params": n_params})
+    writer.write(0, "info", {"num_params": n_params, "compute_dtype": config.train.compute_dtype,
+                             **devices})
   if start >= total:
     logging.info("Checkpoint already at step %d >= train.steps=%d: nothing to train.", start, total)
     ckpt.close()
     return state
   _, lr_schedule = state_lib.optimizer(config, total)
   return state_lib.fit(
-      objective, state, data_lib.train_batches(config, spec, start),
+      objective, state, data_lib.train_batches(config, spec, start, mesh),
       rng=jax.random.fold_in(jax.random.PRNGKey(config.seed), 2), lr_schedule=lr_schedule,
       total=total, ckpt=ckpt, writer=writer, split="train", log_every=config.train.log_every,
       ckpt_every=config.train.ckpt_every, progress=config.train.progress,
       nonfinite_hint="Try a lower optim.learning_rate, optim.grad_clip > 0, or --debug to "
-                     "find the first NaN.")
+                     "find the first NaN.", mesh=mesh)

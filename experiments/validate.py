@@ -15,6 +15,7 @@ from typing import Any, Dict
 from configs import base as base_config
 from experiments import builders
 from experiments import data as data_lib
+from experiments import mesh as mesh_lib
 from experiments.options import (MODES, ConfigError, boolean, check_sample_requests, choice,
                                  fail, parse_extra, parse_options, positive_float,
                                  positive_int, unit_interval)
@@ -193,6 +194,13 @@ def _guidance(config):
          "is only trained by label dropout)")
 
 
+def _devices(config):
+  choice(config, "train.compute_dtype", ("float32", "bfloat16"))
+  boolean(config, "model.remat")
+  mesh = mesh_lib.build_mesh(config)  # a bad mesh or a batch the devices do not split: here
+  mesh_lib.check_batch(config, mesh)
+
+
 def _objective(config, mode: str):
   """What the config asks of the objective, asked of the objective itself."""
   spec = data_lib.build_data_spec(config)
@@ -267,6 +275,7 @@ def validate(config, mode: str = "train") -> None:
   _optim_and_loop(config)
   _sampling_and_eval(config)
   _guidance(config)
+  _devices(config)
   if mode == "evaluate":
     likelihood_settings(config)
   _objective(config, mode)

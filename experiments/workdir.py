@@ -33,6 +33,12 @@ def _jsonable(v):
   return v
 
 
+def is_writer() -> bool:
+  """Only process 0 writes the workdir's shared files (metrics, config, samples, figures, the
+  lock); orbax coordinates the checkpoint writes of every process itself."""
+  return jax.process_index() == 0
+
+
 class WorkdirLock:
   """An exclusive lock on WORKDIR/.lock (fcntl.flock), released when closed or when the
   process dies. Refuses, with one line naming the holder's PID, while another run holds it."""
@@ -43,6 +49,8 @@ class WorkdirLock:
     self._fd: Optional[int] = None
 
   def acquire(self) -> "WorkdirLock":
+    if not is_writer():
+      return self
     if not self.workdir:
       raise WorkdirError("--workdir='' is not allowed: a directory to write the run into.")
     try:
@@ -80,10 +88,13 @@ class MetricWriter:
   """Appends one JSON object per event to WORKDIR/metrics.jsonl (flushes every write)."""
 
   def __init__(self, workdir: str):
-    os.makedirs(workdir, exist_ok=True)
+    if is_writer():
+      os.makedirs(workdir, exist_ok=True)
     self.path = os.path.join(workdir, "metrics.jsonl")
 
   def write(self, step: int, split: str, metrics: Dict[str, Any]) -> None:
+    if not is_writer():
+      return
     row = {"step": int(step), "split": split}
     row.update({k: _jsonable(v) for k, v in metrics.items()})
     with open(self.path, "a") as f:
@@ -92,7 +103,7 @@ class MetricWriter:
   def drop_after(self, split: str, step: int) -> int:
     """Removes rows of `split` with a step > `step` (logged past a checkpoint a resumed run
     restarts from); returns how many. The file is rewritten atomically."""
-    if not os.path.exists(self.path):
+    if not is_writer() or not os.path.exists(self.path):
       return 0
     with open(self.path) as f:
       lines = [line for line in f if line.strip()]
@@ -158,12 +169,16 @@ def atomic_write_bytes(path: str, data: bytes) -> None:
 
 
 def write_config(workdir: str, config) -> None:
+  if not is_writer():
+    return
   atomic_write_bytes(os.path.join(workdir, "config.json"), config.to_json(indent=2).encode())
 
 
 def save_samples(workdir: str, tag: str, samples, labels=None) -> str:
   import io
   path = os.path.join(workdir, "samples", f"{tag}.npz")
+  if not is_writer():
+    return path
   buf = io.BytesIO()
   arrays = {"samples": np.asarray(samples, np.float32)}
   if labels is not None:
@@ -173,7 +188,10 @@ def save_samples(workdir: str, tag: str, samples, labels=None) -> str:
   return path
 
 
-def figure_path(workdir: str, tag: str) -> str:
+def figure_path(workdir: str, tag: str) -> Optional[str]:
+  """WORKDIR/figures/<tag>.png; None on processes other than 0 (figure writers skip None)."""
+  if not is_writer():
+    return None
   os.makedirs(os.path.join(workdir, "figures"), exist_ok=True)
   return os.path.join(workdir, "figures", f"{tag}.png")
 

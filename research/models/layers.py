@@ -8,6 +8,8 @@ from typing import Any, Optional
 import flax.linen as nn
 import jax.numpy as jnp
 
+from research import sharding
+
 
 def sinusoidal_embedding(t: jnp.ndarray, dim: int, max_period: float = 10_000.0,
                          scale: float = 1000.0) -> jnp.ndarray:
@@ -114,8 +116,15 @@ class MultiHeadAttention(nn.Module):
     q = dense((self.num_heads, head_dim), name="query")(tokens)
     k = dense((kv_heads, head_dim), name="key")(ctx_tokens)
     v = dense((kv_heads, head_dim), name="value")(ctx_tokens)
-    h = dot_product_attention(q, k, v, causal=self.causal, kv_lengths=kv_lengths,
-                              implementation=self.attention_impl)
+    # Under a mesh (research.sharding) the op runs per batch shard: XLA cannot partition a
+    # pallas_call, and shard_map never gathers the batch onto one device.
+    attend = functools.partial(dot_product_attention, causal=self.causal,
+                               implementation=self.attention_impl)
+    if kv_lengths is None:
+      h = sharding.per_shard(lambda q, k, v: attend(q, k, v), b, 3)(q, k, v)
+    else:
+      h = sharding.per_shard(lambda q, k, v, kl: attend(q, k, v, kv_lengths=kl), b, 4)(
+          q, k, v, jnp.asarray(kv_lengths, jnp.int32))
     init = nn.initializers.zeros if self.zero_init_output else nn.initializers.lecun_normal()
     y = nn.DenseGeneral(out_features, axis=(-2, -1), use_bias=self.use_bias, dtype=self.dtype,
                         kernel_init=init, name="out")(h)
