@@ -36,7 +36,7 @@ from kernels.attention import mosaic as mosaic_kernels
 from kernels.attention import mosaic_backward as mosaic_bwd
 from kernels.attention import reference
 from kernels.attention.block_sizes import BlockSizes, default_block_sizes
-from research.registry import Registry
+from kernels.registry import Registry
 
 MAX_HEAD_DIM = 256
 _FLOAT_DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
