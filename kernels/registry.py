@@ -2,8 +2,8 @@
 
 Registries raise on duplicate names, and an unknown name fails with a message that lists
 the valid ones (DESIGN.md, "Conventions"). It lives at the bottom of the import graph, in
-kernels/, so that the attention op can use it without depending on research/ (which imports
-kernels/); research/registry.py re-exports it.
+kernels/, which imports nothing above it; the model and sampler registries import it from
+here, and its former module re-exports it for older imports.
 """
 from __future__ import annotations
 

@@ -235,17 +235,18 @@ def test_mosaic_kernel_lowers_for_cuda(dtype, d, causal, hkv, in_place, kvl):
 def test_auto_picks_mosaic_only_where_measured(monkeypatch):
   """auto: mosaic on Hopper for bf16/fp16 up to head dim 128 (GPU runs 3-4), else pallas."""
   from kernels.attention import op
+  from kernels.attention.backends import mosaic as mosaic_backend
 
   def spec(dtype=jnp.bfloat16, d=128, backend="gpu"):
     return op.AttentionSpec(batch=2, q_len=512, kv_len=512, num_heads=8, num_kv_heads=8,
                             head_dim=d, dtype=jnp.dtype(dtype), causal=True,
                             has_kv_lengths=False, interpret=False, backend=backend)
 
-  monkeypatch.setattr(op, "_is_hopper", lambda: True)
+  monkeypatch.setattr(mosaic_backend, "_is_hopper", lambda: True)
   assert op._auto(spec()) == "mosaic"
   assert op._auto(spec(jnp.float16, 40)) == "mosaic"
   assert op._auto(spec(jnp.float32)) == "pallas"  # Mosaic kernels take half precision only
   assert op._auto(spec(d=256)) == "pallas"  # Mosaic forward at D = 256 is untimed
   assert op._auto(spec(backend="cpu")) == "xla"
-  monkeypatch.setattr(op, "_is_hopper", lambda: False)  # e.g. an A100
+  monkeypatch.setattr(mosaic_backend, "_is_hopper", lambda: False)  # e.g. an A100
   assert op._auto(spec()) == "pallas"
