@@ -7,6 +7,7 @@
   forward.py, backward.py, _common.py, block_sizes.py   the Pallas (Triton) kernels
   mosaic.py, mosaic_backward.py                         the Mosaic GPU (Hopper) kernels
   reference.py   the dense float32 reference (the xla implementation)
+  testing.py     random inputs, float32 reference results, relative errors (tests, GPU check)
 """
 from kernels.attention.block_sizes import BlockSizes, default_block_sizes
 from kernels.attention.mosaic import MosaicBlockSizes, default_mosaic_block_sizes
