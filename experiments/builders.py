@@ -19,6 +19,7 @@ from research.diffusion.objective import DiffusionObjective
 from research.flows import flow_matching
 from research.flows import objective as flow_objective
 from research.models import get_model
+from research.models.precision import MixedPrecision
 
 
 def _num_classes(config, spec: DataSpec) -> int:
@@ -36,7 +37,8 @@ def _unet(config, spec: DataSpec):
   return get_model("unet", ch=m.ch, ch_mult=tuple(m.ch_mult), num_res_blocks=m.num_res_blocks,
                    attn_resolutions=tuple(m.attn_resolutions), num_heads=m.num_heads,
                    dropout=m.dropout, time_embedding=m.time_embedding,
-                   num_classes=_num_classes(config, spec), attention_impl=m.attention_impl)
+                   num_classes=_num_classes(config, spec), attention_impl=m.attention_impl,
+                   remat=bool(m.remat))
 
 
 # config.model.name -> builder(config, spec) of the network.
@@ -44,10 +46,12 @@ MODELS: Dict[str, Callable] = {"mlp": _mlp, "unet": _unet}
 
 
 def build_model(config, spec: DataSpec):
+  """The network of config.model, computed in config.train.compute_dtype (float32 params)."""
   name = config.model.name
-  if name in MODELS:
-    return MODELS[name](config, spec)
-  return get_model(name)
+  model = MODELS[name](config, spec) if name in MODELS else get_model(name)
+  if config.train.compute_dtype != "float32":
+    model = MixedPrecision(model, config.train.compute_dtype)
+  return model
 
 
 def build_sde(config):
@@ -70,6 +74,10 @@ def _diffusion(config, spec: DataSpec):
 
 def _flow(config, spec: DataSpec):
   f = config.flow
+  if config.train.compute_dtype != "float32":  # log-determinants need float32
+    raise ConfigError(f"config.train.compute_dtype={config.train.compute_dtype!r} is not "
+                      "allowed with objective='flow' (coupling log-determinants need float32); "
+                      "use 'float32'.")
   return flow_objective.make_objective(
       f.kind, tuple(spec.dims), image=(spec.kind == "image"), num_layers=int(f.num_layers),
       hidden=int(f.hidden), depth=int(f.depth), num_scales=int(f.num_scales),

@@ -31,6 +31,7 @@ from absl import logging
 from experiments import builders
 from experiments import data as data_lib
 from experiments import image_metrics
+from experiments import mesh as mesh_lib
 from experiments import plotting
 from experiments import state as state_lib
 from experiments import workdir as wd
@@ -165,7 +166,7 @@ def guided_score_factory(config, objective, params, spec, classifier=None):
   raise ValueError(f"config.guidance.kind={kind!r}; guided sampling needs 'cfg' or 'classifier'.")
 
 
-def _draw(config, make_score, sde, dims, labels: np.ndarray, scale: float, rng):
+def _draw(config, make_score, sde, dims, labels: np.ndarray, scale: float, rng, mesh=None):
   """Samples for `labels` in equal-size chunks (the last one padded), so one compile serves."""
   options = parse_options(config.sample.options)
   options.setdefault("denoise", config.sample.denoise)
@@ -176,10 +177,12 @@ def _draw(config, make_score, sde, dims, labels: np.ndarray, scale: float, rng):
     n = lab.shape[0]
     if n < chunk:
       lab = np.concatenate([lab, np.resize(lab, chunk - n)])
-    score_fn = make_score(jnp.asarray(lab, jnp.int32), jnp.float32(scale))
-    x, info = samplers.sample(config.sample.sampler, score_fn, sde, (chunk, *dims),
-                              jax.random.fold_in(rng, i), steps=config.sample.steps, **options)
-    out.append(np.asarray(x)[:n])
+    with mesh_lib.use(mesh):
+      score_fn = make_score(jnp.asarray(lab, jnp.int32), jnp.float32(scale))
+      x, info = samplers.sample(config.sample.sampler, score_fn, sde, (chunk, *dims),
+                                jax.random.fold_in(rng, i), steps=config.sample.steps,
+                                **options)
+    out.append(mesh_lib.gather(x)[:n])
     nfe = int(info["nfe"])
   return np.concatenate(out, 0), nfe
 
@@ -234,7 +237,8 @@ def guided_sample_and_evaluate(config, workdir: str, state=None) -> Dict[str, Di
     tag = scale_tag(config, scale)
     t0 = time.perf_counter()
     # Same rng at every scale: the scales are compared on the same initial noise.
-    samples, nfe = _draw(config, make_score, objective.sde, spec.dims, labels, float(scale), rng)
+    samples, nfe = _draw(config, make_score, objective.sde, spec.dims, labels, float(scale), rng,
+                         mesh_lib.mesh_of(params))
     metrics: Dict[str, float] = {"tag": tag, "kind": config.guidance.kind,
                                  "scale": float(scale), "nfe": nfe,
                                  "sample_seconds": time.perf_counter() - t0}

@@ -15,6 +15,7 @@ NamedSharding, PartitionSpec.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 from typing import Any, Tuple
 
@@ -95,6 +96,28 @@ def _leaf_sharding(x, mesh) -> NamedSharding:
 def state_shardings(state: Any, mesh) -> Any:
   """A pytree like `state` of NamedShardings (the fsdp rule in the module docstring)."""
   return jax.tree.map(lambda x: _leaf_sharding(x, mesh), state)
+
+
+def mesh_of(tree: Any):
+  """The mesh the arrays of `tree` live on (the first NamedSharding found), else None."""
+  for leaf in jax.tree.leaves(tree):
+    sharding = getattr(leaf, "sharding", None)
+    if isinstance(sharding, NamedSharding):
+      return sharding.mesh
+  return None
+
+
+def use(mesh):
+  """`with use(mesh):` sets it for the library's sharding helpers (no-op for None)."""
+  return jax.set_mesh(mesh) if mesh is not None else contextlib.nullcontext()
+
+
+def gather(x) -> np.ndarray:
+  """A (possibly multi-process, batch-sharded) array as one host numpy array on every process."""
+  if not isinstance(x, jax.Array) or x.is_fully_addressable:
+    return np.asarray(x)
+  from jax.experimental import multihost_utils
+  return np.asarray(multihost_utils.process_allgather(x, tiled=True))
 
 
 def describe(mesh) -> dict:

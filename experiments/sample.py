@@ -15,6 +15,7 @@ from absl import logging
 from experiments import builders
 from experiments import data as data_lib
 from experiments import image_metrics
+from experiments import mesh as mesh_lib
 from experiments import plotting
 from experiments import workdir as wd
 from experiments.options import NonFiniteError, SampleRequest, sample_requests
@@ -32,13 +33,15 @@ def draw_samples(config, objective, params, request: SampleRequest, rng, num: in
   """Draws `num` samples in chunks of sample.batch_size; returns (samples, info)."""
   chunks, nfe = [], 0
   chunk = config.sample.batch_size
-  for i, start in enumerate(range(0, num, chunk)):
-    n = min(chunk, num - start)
-    lab = None if labels is None else labels[start:start + n]
-    x, info = objective.sample(params, jax.random.fold_in(rng, i), n, labels=lab,
-                               **request.kwargs())
-    chunks.append(np.asarray(x))
-    nfe = int(info.get("nfe", 0))
+  mesh = mesh_lib.mesh_of(params)  # the batch is split over the devices the state lives on
+  with mesh_lib.use(mesh):
+    for i, start in enumerate(range(0, num, chunk)):
+      n = min(chunk, num - start)
+      lab = None if labels is None else labels[start:start + n]
+      x, info = objective.sample(params, jax.random.fold_in(rng, i), n, labels=lab,
+                                 **request.kwargs())
+      chunks.append(mesh_lib.gather(x))
+      nfe = int(info.get("nfe", 0))
   return np.concatenate(chunks, 0), {"nfe": nfe}
 
 

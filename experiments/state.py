@@ -92,6 +92,8 @@ def restore_trained(config, workdir: str, objective, spec, mesh=None) -> TrainSt
     raise CheckpointError(
         f"No checkpoint in {directory}: run --mode=train with this --workdir first "
         "(sample, evaluate and sweep read the latest checkpoint).")
+  if mesh is None:  # the run's mesh: sampling and evaluation split batches over it too
+    mesh = mesh_lib.build_mesh(config)
   state, ckpt = restore_or_create(config, workdir, objective, spec, mesh=mesh)
   ckpt.close()
   return state

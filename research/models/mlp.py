@@ -29,7 +29,8 @@ class MLP(nn.Module):
   def __call__(self, x, t, labels=None, train: bool = False):
     if x.ndim != 2:
       raise ValueError(f"mlp expects x of shape [B, D], got {x.shape}.")
-    emb = TimeEmbedding(self.hidden, self.time_embedding)(t)
+    # In the input's dtype, so a bfloat16 forward pass (models.precision) stays bfloat16.
+    emb = TimeEmbedding(self.hidden, self.time_embedding)(t).astype(x.dtype)
     if self.num_classes > 0:
       if labels is None:
         labels = jnp.full((x.shape[0],), self.num_classes, jnp.int32)

@@ -49,6 +49,7 @@ class GroupNorm(nn.Module):
   @nn.compact
   def __call__(self, x):
     b, c, g = x.shape[0], x.shape[-1], self.num_groups
+    dtype, x = x.dtype, x.astype(jnp.float32)  # statistics in float32 also for bf16 inputs
     if c % g:
       raise ValueError(f"GroupNorm: {c} channels do not split into {g} groups.")
     axes = tuple(range(1, x.ndim - 1))
@@ -62,7 +63,7 @@ class GroupNorm(nn.Module):
     inv = jax.lax.rsqrt(var + self.epsilon).reshape(b, *(1,) * len(axes), c)
     scale = self.param("scale", nn.initializers.ones, (c,))
     bias = self.param("bias", nn.initializers.zeros, (c,))
-    return d * inv * scale + bias
+    return (d * inv * scale + bias).astype(dtype)
 
 
 class ResBlock(nn.Module):
@@ -140,6 +141,7 @@ class UNet(nn.Module):
   time_embedding: str = "sinusoidal"        # "sinusoidal" | "fourier"
   num_classes: int = 0                      # 0: unconditional
   attention_impl: str = "auto"              # kernels.attention implementation
+  remat: bool = False                       # recompute each block in the backward pass
 
   def _check(self, x):
     if x.ndim != 4:
@@ -163,35 +165,49 @@ class UNet(nn.Module):
   def __call__(self, x, t, labels=None, train: bool = False):
     self._check(x)
     emb_dim = 4 * self.ch
-    emb = TimeEmbedding(emb_dim, self.time_embedding)(t)
+    # In the input's dtype, so a bfloat16 forward pass (models.precision) stays bfloat16.
+    emb = TimeEmbedding(emb_dim, self.time_embedding)(t).astype(x.dtype)
     if self.num_classes > 0:
       if labels is None:
         labels = jnp.full((x.shape[0],), self.num_classes, jnp.int32)
       emb = emb + nn.Embed(self.num_classes + 1, emb_dim)(labels)
     attn = set(int(r) for r in self.attn_resolutions)
+    # Rematerialised blocks keep only their inputs for the backward pass. They are named as
+    # the plain blocks would be, so remat on or off gives the same parameter tree.
+    res_cls = nn.remat(ResBlock, static_argnums=(3,)) if self.remat else ResBlock
+    attn_cls = nn.remat(AttnBlock) if self.remat else AttnBlock
+    count = {"res": 0, "attn": 0}
+
+    def res_block(*args):
+      count["res"] += 1
+      return res_cls(*args, name=f"ResBlock_{count['res'] - 1}")
+
+    def attn_block(*args):
+      count["attn"] += 1
+      return attn_cls(*args, name=f"AttnBlock_{count['attn'] - 1}")
 
     h = nn.Conv(self.ch, (3, 3))(x)
     skips = [h]
     for level, mult in enumerate(self.ch_mult):
       for _ in range(self.num_res_blocks):
-        h = ResBlock(self.ch * mult, self.dropout)(h, emb, train)
+        h = res_block(self.ch * mult, self.dropout)(h, emb, train)
         if h.shape[1] in attn:
-          h = AttnBlock(self.num_heads, self.attention_impl)(h)
+          h = attn_block(self.num_heads, self.attention_impl)(h)
         skips.append(h)
       if level != len(self.ch_mult) - 1:
         h = Downsample()(h)
         skips.append(h)
 
-    h = ResBlock(h.shape[-1], self.dropout)(h, emb, train)
-    h = AttnBlock(self.num_heads, self.attention_impl)(h)
-    h = ResBlock(h.shape[-1], self.dropout)(h, emb, train)
+    h = res_block(h.shape[-1], self.dropout)(h, emb, train)
+    h = attn_block(self.num_heads, self.attention_impl)(h)
+    h = res_block(h.shape[-1], self.dropout)(h, emb, train)
 
     for level in reversed(range(len(self.ch_mult))):
       for _ in range(self.num_res_blocks + 1):
-        h = ResBlock(self.ch * self.ch_mult[level], self.dropout)(
+        h = res_block(self.ch * self.ch_mult[level], self.dropout)(
             jnp.concatenate([h, skips.pop()], axis=-1), emb, train)
         if h.shape[1] in attn:
-          h = AttnBlock(self.num_heads, self.attention_impl)(h)
+          h = attn_block(self.num_heads, self.attention_impl)(h)
       if level != 0:
         h = Upsample()(h)
     assert not skips, "every skip connection is consumed exactly once"

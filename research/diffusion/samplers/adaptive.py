@@ -14,6 +14,7 @@ import diffrax
 import jax
 import jax.numpy as jnp
 
+from research import sharding
 from research.diffusion.samplers import base
 from research.diffusion.samplers.base import full_t
 
@@ -43,7 +44,7 @@ def ode_adaptive(score_fn, sde, shape, rng, steps, *, solver, rtol, atol, pcoeff
   num_steps (attempted), num_accepted_steps and num_rejected_steps; hitting max_steps raises.
   """
   rng_init, _ = jax.random.split(rng)
-  x = sde.prior_sample(rng_init, shape)
+  x = sharding.constrain_batch(sde.prior_sample(rng_init, shape))
   batch = shape[0]
 
   def vector_field(t, y, args):

@@ -17,6 +17,7 @@ import jax.numpy as jnp
 
 from research.diffusion import parameterization as param
 from research.diffusion.sde import is_sde
+from research import sharding
 from research.registry import Registry
 
 Array = jax.Array
@@ -143,7 +144,7 @@ def run_fixed_grid(step_fn, score_fn, sde, shape, rng, steps: int, *, grid: str,
     with_index: pass the step index i to step_fn.
   """
   rng_init, rng_steps = jax.random.split(rng)
-  x = sde.prior_sample(rng_init, shape)
+  x = sharding.constrain_batch(sde.prior_sample(rng_init, shape))
   grid_t = time_grid(sde, steps, grid, rho)
   carry = (x, jnp.int32(0)) if init is None else init(x, grid_t)
   carry = scan_grid(step_fn, carry, grid_t, rng_steps, with_index=with_index)
