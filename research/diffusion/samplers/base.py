@@ -95,13 +95,22 @@ def check_score_fn(name: str, score_fn, shape: Tuple[int, ...]) -> None:
                     f"[B, *dims], got {type(score_fn).__name__}.")
   x = jax.ShapeDtypeStruct(shape, jnp.float32)
   t = jax.ShapeDtypeStruct(shape[:1], jnp.float32)
-  out = jax.eval_shape(score_fn, x, t)
+  if isinstance(score_fn, jax.tree_util.Partial):
+    # As the jitted sampler does, pass a Partial as an argument (its leaves abstract), so
+    # that eval_shape's cache answers a new Partial of the same structure without a retrace.
+    out = jax.eval_shape(_call_score, score_fn, x, t)
+  else:
+    out = jax.eval_shape(score_fn, x, t)  # cached per function object and shapes
   if not isinstance(out, jax.ShapeDtypeStruct):
     raise TypeError(f"sampler {name!r}: score_fn must return one array of shape {shape} (the "
                     f"shape of x), got {jax.tree_util.tree_structure(out)}.")
   if tuple(out.shape) != shape:
     raise ValueError(f"sampler {name!r}: score_fn returned shape {tuple(out.shape)}; expected "
                      f"{shape} (the shape of x).")
+
+
+def _call_score(score_fn, x, t):
+  return score_fn(x, t)
 
 
 def check_call(name: str, score_fn, sde, shape, steps, options: Dict[str, Any]
