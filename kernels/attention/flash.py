@@ -161,7 +161,7 @@ def _flash_attention(q, k, v, *, causal, kv_lengths, scale, block_sizes, interpr
                      **cfg_extra):
   """Shared entry of pallas_attention / mosaic_attention: checks, default scale, kv_lengths
   clipped to [0, S], then the cached custom_vjp function for this static configuration."""
-  validate_inputs(q, k, v, kv_lengths)
+  validate_inputs(q, k, v, kv_lengths, causal)
   t, s, d = q.shape[1], k.shape[1], q.shape[3]
   if d > MAX_HEAD_DIM:
     raise ValueError(f"head_dim={d}; the {kernel} kernel supports head dims up to "

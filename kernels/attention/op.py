@@ -78,10 +78,14 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, causal: b
     [B, T, H, D] in q's dtype.
 
   Raises:
-    ValueError: bad shapes/dtypes, an unknown implementation, or one that cannot run this
+    TypeError: q/k/v not arrays, or causal not a bool (a string such as 'no' is refused,
+      not read as true).
+    ValueError: bad shapes/dtypes (wrong rank, a zero-size axis, mismatched batch or head
+      dims, H not a multiple of Hkv), kv_lengths of the wrong shape or dtype or (when
+      concrete) outside [0, S], an unknown implementation, or one that cannot run this
       call here (the message says why).
   """
-  validate_inputs(q, k, v, kv_lengths)
+  validate_inputs(q, k, v, kv_lengths, causal)
   backend = jax.default_backend()
   if interpret is None:
     interpret = backend == "cpu"

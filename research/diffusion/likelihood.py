@@ -44,6 +44,7 @@ import diffrax
 import equinox as eqx
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from research.diffusion.sde import is_sde
 
@@ -97,10 +98,32 @@ class SolveSettings:
       object.__setattr__(self, name, float(v))
 
 
+def check_finite_rows(x, name: str = "x") -> None:
+  """Raises ValueError naming the rows of a concrete batch x [B, ...] that hold NaN or inf.
+
+  A likelihood solve of such a row would return NaN or run into max_steps; this finds it
+  before any solve. Traced x (under an outer jit / vmap) is not checked: its values are not
+  known yet.
+  """
+  if (isinstance(x, jax.core.Tracer) or getattr(x, "ndim", 0) < 1
+      or not getattr(x, "is_fully_addressable", True)):
+    return  # traced, not an array, or sharded across hosts (this host cannot see every row)
+  a = np.asarray(x)
+  if not np.issubdtype(a.dtype, np.inexact):
+    return  # integer / bool data is finite
+  bad = np.flatnonzero(~np.isfinite(a.reshape(a.shape[0], -1)).all(axis=1))
+  if bad.size:
+    shown = bad[:10].tolist()
+    more = f" and {bad.size - 10} more" if bad.size > 10 else ""
+    raise ValueError(f"{name} has non-finite values in rows {shown}{more} (of {a.shape[0]}); "
+                     "likelihood needs finite data.")
+
+
 def _check_x(x):
   if getattr(x, "ndim", 0) < 2:
     raise ValueError(f"x must be a batch [B, *dims] with at least 2 axes, got shape "
                      f"{getattr(x, 'shape', None)}.")
+  check_finite_rows(x)
 
 
 def _exact_trace(apply, b: int, d: int, exact_chunk: int, dtype) -> Array:

@@ -29,6 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from research.diffusion import bpd as bpd_lib
+from research.diffusion.likelihood import check_finite_rows
 from research.flows import bijectors
 from research.flows import models
 
@@ -125,6 +126,7 @@ class FlowObjective:
                      labels: Optional[Array] = None, **settings):
     """(log p(x) [B] in nats, info): the exact density; ODE `settings` do not apply."""
     del rng, settings
+    check_finite_rows(x)
     return self._log_prob_jit(params, x, labels), {"nfe": 0, "method": "exact_density",
                                                     "estimator": "exact"}
 

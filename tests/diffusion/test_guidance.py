@@ -153,7 +153,9 @@ def test_guided_partial_compiles_once_across_labels_and_scales():
                                            prediction="eps", null_label=K)
     assert isinstance(fn, jax.tree_util.Partial)
     outs.append(samplers.sample("ddim", fn, VP, (16, 2), jax.random.PRNGKey(0), steps=5)[0])
-  assert _TRACES == [(32, 2)]  # one trace of the scanned step for all three calls
+  # For all three calls: one shape-only trace (the samplers' score_fn check, jax.eval_shape,
+  # whose cache answers the later calls) and one trace of the scanned step.
+  assert _TRACES == [(32, 2)] * 2
   assert not np.allclose(outs[0], outs[1])
 
 

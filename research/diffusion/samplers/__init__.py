@@ -79,6 +79,12 @@ def sample(name: str, score_fn, sde, shape, rng, *, steps: int, **options
     **options: per-sampler options (`get(name).defaults`); unknown names raise ValueError.
   Returns:
     (x [B, *dims] float32, info) with info["nfe"] an int and sampler-specific extras.
+
+  Raises:
+    KeyError: an unknown `name`.
+    TypeError / ValueError: before anything runs, naming the argument: `shape` not a
+      non-empty tuple of positive ints, `steps` not a positive int, a bad option or `sde`,
+      or `score_fn` returning something other than one array of `shape` (base.check_call).
   """
   fn = _prepare(name, score_fn, sde, shape, steps, options)
   x, nfe, extra = fn(score_fn, rng)
@@ -107,9 +113,7 @@ def _is_dynamic(score_fn) -> bool:
 
 
 def _prepare(name, score_fn, sde, shape, steps, options):
-  spec = REGISTRY.get(name)
-  opts = spec.resolve(options, sde, steps)
-  shape = tuple(int(d) for d in shape)
+  shape, opts = base.check_call(name, score_fn, sde, shape, steps, options)
   return _compiled(name, sde, shape, int(steps), tuple(sorted(opts.items())),
                    _is_dynamic(score_fn))
 

@@ -5,6 +5,10 @@ A sampler family module defines `run(score_fn, sde, shape, rng, steps, **opts)` 
 adds one inside the scanned step) and extra is a dict of scalar arrays for `info`. Fixed-step
 families write only their step function and hand it to `run_fixed_grid` (prior sample ->
 grid -> scan -> optional denoise).
+
+Every call is checked before anything is traced for real (`check_call`, from the entry
+points in __init__.py): shape, steps, options, the SDE, and the score function's output
+shape through `jax.eval_shape` (a shape-only trace; nothing is compiled).
 """
 from __future__ import annotations
 
@@ -14,6 +18,7 @@ from typing import Any, Callable, Dict, Tuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from research.diffusion import parameterization as param
 from research.diffusion.sde import is_sde
@@ -44,8 +49,7 @@ class SamplerSpec:
     if not is_sde(sde):
       raise ValueError(f"sampler {self.name!r}: `sde` must be an SDE from "
                        f"research.diffusion.sde (vp, subvp, ve), got {type(sde).__name__}.")
-    if int(steps) != steps or steps < 1:
-      raise ValueError(f"sampler {self.name!r}: steps must be a positive int, got {steps!r}.")
+    check_steps(self.name, steps)
     opts = {**self.defaults, **options}
     for key, allowed in self.choices.items():
       if opts[key] not in allowed:
@@ -58,6 +62,70 @@ class SamplerSpec:
     if self.check is not None:
       self.check(opts, sde, int(steps))
     return opts
+
+
+def _is_int(v) -> bool:
+  return isinstance(v, (int, np.integer)) and not isinstance(v, (bool, np.bool_))
+
+
+def check_steps(name: str, steps) -> None:
+  """steps: a positive Python or numpy int (not a bool, float or None)."""
+  if not _is_int(steps):
+    raise TypeError(f"sampler {name!r}: steps must be a positive int, got {steps!r} "
+                    f"({type(steps).__name__}).")
+  if steps < 1:
+    raise ValueError(f"sampler {name!r}: steps must be a positive int, got {steps!r}.")
+
+
+def check_shape(name: str, shape) -> Tuple[int, ...]:
+  """shape: a non-empty tuple or list (B, *dims) of positive ints; returned as a tuple."""
+  if not isinstance(shape, (tuple, list)) or not all(_is_int(d) for d in shape):
+    raise TypeError(f"sampler {name!r}: shape must be a tuple (B, *dims) of positive ints, "
+                    f"got {shape!r}.")
+  if not shape or any(d < 1 for d in shape):
+    raise ValueError(f"sampler {name!r}: shape must be a non-empty tuple (B, *dims) of "
+                     f"positive ints, got {tuple(shape)!r}.")
+  return tuple(int(d) for d in shape)
+
+
+def check_score_fn(name: str, score_fn, shape: Tuple[int, ...]) -> None:
+  """score_fn(x [B, *dims], t [B]) must return one array of x's shape; checked with
+  jax.eval_shape (traces score_fn for shapes only: no compile, no device work)."""
+  if not callable(score_fn):
+    raise TypeError(f"sampler {name!r}: score_fn must be callable (x [B, *dims], t [B]) -> "
+                    f"[B, *dims], got {type(score_fn).__name__}.")
+  x = jax.ShapeDtypeStruct(shape, jnp.float32)
+  t = jax.ShapeDtypeStruct(shape[:1], jnp.float32)
+  if isinstance(score_fn, jax.tree_util.Partial):
+    # As the jitted sampler does, pass a Partial as an argument (its leaves abstract), so
+    # that eval_shape's cache answers a new Partial of the same structure without a retrace.
+    out = jax.eval_shape(_call_score, score_fn, x, t)
+  else:
+    out = jax.eval_shape(score_fn, x, t)  # cached per function object and shapes
+  if not isinstance(out, jax.ShapeDtypeStruct):
+    raise TypeError(f"sampler {name!r}: score_fn must return one array of shape {shape} (the "
+                    f"shape of x), got {jax.tree_util.tree_structure(out)}.")
+  if tuple(out.shape) != shape:
+    raise ValueError(f"sampler {name!r}: score_fn returned shape {tuple(out.shape)}; expected "
+                     f"{shape} (the shape of x).")
+
+
+def _call_score(score_fn, x, t):
+  return score_fn(x, t)
+
+
+def check_call(name: str, score_fn, sde, shape, steps, options: Dict[str, Any]
+               ) -> Tuple[Tuple[int, ...], Dict[str, Any]]:
+  """Checks one sampler call up front; returns (shape as a tuple, resolved options).
+
+  Raises KeyError for an unknown sampler, TypeError / ValueError naming the bad argument
+  (shape, steps, an option, sde, score_fn) otherwise.
+  """
+  spec = REGISTRY.get(name)
+  shape = check_shape(name, shape)
+  opts = spec.resolve(options, sde, steps)
+  check_score_fn(name, score_fn, shape)
+  return shape, opts
 
 
 def check_positive(name: str, opts: Dict[str, Any], *keys: str, strict=True) -> None:
