@@ -22,6 +22,7 @@ def get_config(arg=None):
   d.data_dir = ""                 # image data: TFDS data dir ("" = ~/.cache/genjax/tfds)
   d.image_size = 0                # image data: resize to this size (0 = native)
   d.random_flip = False           # image data: random horizontal flips
+  d.num_workers = 0               # image data: grain worker processes making train batches (0: in the trainer)
   d.conditional = False           # feed class labels to the model (needs a labelled dataset)
 
   # --- model ----------------------------------------------------------------------------------

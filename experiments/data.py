@@ -71,7 +71,8 @@ def train_batches(config, spec: DataSpec, start_step: int, mesh=None) -> Iterato
     local = pipeline.train_batches(
         images, labels, batch_size=config.data.batch_size, seed=config.seed,
         start_step=start_step, random_flip=config.data.random_flip,
-        process_index=jax.process_index(), process_count=jax.process_count())
+        process_index=jax.process_index(), process_count=jax.process_count(),
+        num_workers=int(config.data.get("num_workers", 0)))
     for batch in local:
       if sharding is None:
         yield batch

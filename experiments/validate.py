@@ -53,6 +53,7 @@ def _data(config):
          "first two coordinates)")
   boolean(config, "data.conditional")
   boolean(config, "data.random_flip")
+  positive_int(config, "data.num_workers", zero_ok=True)
   positive_int(config, "data.image_size", zero_ok=True)
   if not isinstance(config.data.data_dir, str):
     fail("data.data_dir", config.data.data_dir, "a directory path, or '' for the default")

@@ -259,8 +259,16 @@ def _process(process_index, process_count):
 def train_batches(images: np.ndarray, labels: Optional[np.ndarray], *, batch_size: int,
                   seed: int, start_step: int = 0, random_flip: bool = False,
                   process_index: Optional[int] = None, process_count: Optional[int] = None,
-                  num_devices: int = 0) -> Iterator[Dict[str, np.ndarray]]:
-  """Endless batches for steps start_step, start_step + 1, ... of this process.
+                  num_devices: int = 0, num_workers: int = 0) -> Iterator[Dict[str, np.ndarray]]:
+  """Endless batches for steps start_step, start_step + 1, ... of this process, via grain.
+
+  A grain MapDataset indexed by the step: batch i is a pure function of (seed, i) (the
+  epoch's permutation, this process's rows of the global batch, the flips), so a resumed run
+  starts at its checkpoint step and sees exactly the batches an uninterrupted run would have,
+  and the global batch is the same for any number of processes. (grain's IndexSampler with
+  per-process ShardOptions would give each process its own slice of the records instead,
+  which makes the global batch depend on the process count.) With num_workers > 0, grain
+  worker processes read, convert and flip the batches ahead of the train step, in order.
 
   Args:
     images: uint8 [N, H, W, C] (or any array/source indexable by an index array).
@@ -271,25 +279,47 @@ def train_batches(images: np.ndarray, labels: Optional[np.ndarray], *, batch_siz
     random_flip: flip each image horizontally with probability 1/2.
     process_index, process_count: this process and their number (default: jax's).
     num_devices: > 0 reshapes to [num_devices, B_local / num_devices, ...].
+    num_workers: grain worker processes (0: batches are made in this process).
   Yields:
     {"x": float32 [B_local, H, W, C] in [-1, 1], "label": int32 [B_local]} ("label" only when
     labels are given).
   """
+  import grain  # pylint: disable=import-outside-toplevel
+  if isinstance(num_workers, bool) or not isinstance(num_workers, int) or num_workers < 0:
+    raise ValueError(f"num_workers={num_workers!r} is not allowed: an integer >= 0.")
   p, pc = _process(process_index, process_count)
-  rows = process_slice(batch_size, p, pc)
-  n = len(images)
-  step = int(start_step)
-  while True:
-    idx = global_batch_indices(n, batch_size, seed, step)[rows]
-    x = to_model_space(np.asarray(images[idx]))
-    if random_flip:
-      flip = flip_mask(seed, step, batch_size)[rows]
+  make = _BatchAt(images, labels, batch_size, seed, random_flip, process_slice(batch_size, p, pc),
+                  num_devices)
+  ds = grain.MapDataset.range(int(start_step), _ENDLESS).map(make).to_iter_dataset()
+  if num_workers:
+    from absl import flags  # pylint: disable=import-outside-toplevel
+    if not flags.FLAGS.is_parsed():  # grain's workers read their absl flags' defaults
+      flags.FLAGS.mark_as_parsed()
+    ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers))
+  return iter(ds)
+
+
+_ENDLESS = 2**62  # the step index range of the endless train stream
+
+
+class _BatchAt:
+  """step -> this process's batch of that step (a picklable callable for grain's workers)."""
+
+  def __init__(self, images, labels, batch_size, seed, random_flip, rows, num_devices):
+    self.images, self.labels, self.batch_size, self.seed = images, labels, batch_size, seed
+    self.random_flip, self.rows, self.num_devices = random_flip, rows, num_devices
+
+  def __call__(self, step) -> Dict[str, np.ndarray]:
+    step = int(step)
+    idx = global_batch_indices(len(self.images), self.batch_size, self.seed, step)[self.rows]
+    x = to_model_space(np.asarray(self.images[idx]))
+    if self.random_flip:
+      flip = flip_mask(self.seed, step, self.batch_size)[self.rows]
       x = np.where(flip[:, None, None, None], x[:, :, ::-1, :], x)
     batch = {"x": x}
-    if labels is not None:
-      batch["label"] = np.asarray(labels[idx], np.int32)
-    yield per_device(batch, num_devices) if num_devices else batch
-    step += 1
+    if self.labels is not None:
+      batch["label"] = np.asarray(self.labels[idx], np.int32)
+    return per_device(batch, self.num_devices) if self.num_devices else batch
 
 
 def eval_batches(images: np.ndarray, labels: Optional[np.ndarray], *, batch_size: int,

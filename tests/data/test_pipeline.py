@@ -71,3 +71,16 @@ def test_per_device_batches():
   assert batch["x"].shape == (4, 2, H, H, 1) and batch["label"].shape == (4, 2)
   with pytest.raises(ValueError, match="multiple of the device count"):
     pipeline.per_device({"x": np.zeros((6, 1))}, 4)
+
+
+def test_grain_workers_give_the_same_batches_in_order():
+  """num_workers > 0 (grain worker processes) changes where batches are made, not what."""
+  kw = dict(batch_size=8, seed=3, random_flip=True, process_index=0, process_count=1,
+            start_step=4)
+  inline = _take(pipeline.train_batches(IMAGES, LABELS, **kw), 6)
+  workers = _take(pipeline.train_batches(IMAGES, LABELS, num_workers=2, **kw), 6)
+  for a, b in zip(inline, workers):
+    np.testing.assert_array_equal(a["label"], b["label"])
+    np.testing.assert_array_equal(a["x"], b["x"])
+  with pytest.raises(ValueError, match="num_workers"):
+    pipeline.train_batches(IMAGES, LABELS, num_workers=-1, **kw)
