@@ -31,6 +31,7 @@ from absl import logging
 
 from experiments import builders
 from experiments import data as data_lib
+from experiments import mesh as mesh_lib
 from experiments import sample as sample_lib
 from experiments import workdir as wd
 from experiments.options import NonFiniteError
@@ -61,14 +62,21 @@ class _ModelLogProb:
     self.settings["estimator"] = est
     self.kind, self.estimator = None, est
     self.nfe = []
+    self.mesh = mesh_lib.mesh_of(params)  # batches are split over the devices of the state
 
   def __call__(self, x, labels, rng):
-    logp, info = self.objective.log_likelihood(self.params, x, rng, labels=labels,
-                                               **self.settings)
+    mesh = self.mesh
+    if mesh is not None and x.shape[0] % mesh_lib.batch_size(mesh) == 0:
+      x = jax.device_put(x, mesh_lib.batch_sharding(mesh))
+      if labels is not None:
+        labels = jax.device_put(labels, mesh_lib.batch_sharding(mesh))
+    with mesh_lib.use(mesh):
+      logp, info = self.objective.log_likelihood(self.params, x, rng, labels=labels,
+                                                 **self.settings)
     self.kind, self.estimator = info["method"], info["estimator"]
     if info.get("nfe"):
       self.nfe.append(info["nfe"])
-    return logp
+    return mesh_lib.gather(logp)
 
 
 def _batched_log_prob(model: _ModelLogProb, x: np.ndarray, labels, batch_size: int, rng,

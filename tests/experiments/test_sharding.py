@@ -134,14 +134,18 @@ def test_eight_devices_train_like_one(tmp_path):
     train(_config(cfg, over), str(one))
     eight = {int(k): v for k, v in r[name]["losses"].items()}
     assert len(eight) == 10
+    print(f"{name}: 8 vs 1 device losses, max rel diff {_max_rel(eight, _losses(one)):.2e}")
     assert _max_rel(eight, _losses(one)) < 2e-4, (name, eight, _losses(one))
   one = tmp_path / "qsf1"
   train(_config(QS, {**QS_50, "model.hidden": 64}), str(one))
   fsdp = {int(k): v for k, v in r["qs_fsdp"]["losses"].items()}
+  print(f"qs fsdp=2 x data=4 vs 1 device: max rel diff {_max_rel(fsdp, _losses(one)):.2e}")
   assert _max_rel(fsdp, _losses(one)) < 2e-4
 
   # The UNet's (Pallas) attention under the 8-device mesh: per shard, no gather of q, k, v.
   a = r["attn"]
+  print(f"attention under the mesh: max abs diff {a['max_abs_diff']:.2e} (scale "
+        f"{a['scale']:.2f}), all-gathers {a['all_gathers']}")
   assert a["max_abs_diff"] <= 1e-5 * a["scale"], a
   assert a["all_gathers"] == 0, a
   assert "data" in a["out_spec"], a
@@ -165,6 +169,8 @@ def test_resume_on_fewer_devices_continues_the_same_losses(tmp_path):
   after = [s for s in straight if s > 30]
   assert after == [35, 40, 45, 50, 55, 60]
   on2 = {int(k): v for k, v in r2["on2"]["losses"].items()}
+  print(f"resume 8 -> 2: max rel diff {_max_rel(on2, straight, after):.2e}; 8 -> 1: "
+        f"{_max_rel(_losses(tmp_path / 'on1'), straight, after):.2e}")
   assert _max_rel(on2, straight, after) < 2e-4
   assert _max_rel(_losses(tmp_path / "on1"), straight, after) < 2e-4
   # Each step once in metrics.jsonl after the resume.
@@ -198,6 +204,9 @@ def test_two_processes_train_like_one_process(tmp_path):
   assert sorted(os.listdir(tmp_path / "multi" / "checkpoints")) == ["50"]
   assert _max_rel({int(k): v for k, v in multi["losses"].items()},
                   {int(k): v for k, v in single["losses"].items()}) < 1e-5
+  worst = max(float(np.abs(np.asarray(multi["params"][k]) - np.asarray(v)).max())
+              for k, v in single["params"].items())
+  print(f"2 processes x 2 vs 1 x 4 devices: final params max abs diff {worst:.2e}")
   for k, v in single["params"].items():
     np.testing.assert_allclose(np.asarray(multi["params"][k]), np.asarray(v), rtol=1e-5,
                                atol=1e-6, err_msg=k)
