@@ -104,6 +104,11 @@ def test_mesh_sizes_and_batch_errors_name_the_field():
   c.mesh.data, c.mesh.fsdp = -1, -1
   with pytest.raises(ConfigError, match="at most one"):
     mesh_lib.mesh_shape(c, 8)
+  # A global batch the batch axes do not divide: refused before anything compiles.
+  import types
+  with pytest.raises(ConfigError, match=r"config.data.batch_size=12 .*a multiple of 8"):
+    mesh_lib.check_batch(c, types.SimpleNamespace(shape={"data": 4, "fsdp": 2}))
+  mesh_lib.check_batch(c, types.SimpleNamespace(shape={"data": 4, "fsdp": 1}))
 
 
 def test_eight_devices_train_like_one(tmp_path):
