@@ -213,3 +213,23 @@ def test_heun_churn_outside_its_sigma_range_equals_no_churn_bit_for_bit(sde):
   np.testing.assert_array_equal(np.asarray(base), np.asarray(churned))
   inside, _ = samplers.sample("heun", fn, sde, (64, 2), rng, steps=18, S_churn=40.0)
   assert not np.array_equal(np.asarray(base), np.asarray(inside))  # and churn does act
+
+
+@pytest.mark.parametrize("name,options", [
+    ("ddpm", {}), ("ddim", {"denoise": True}), ("euler_maruyama", {}), ("ode_euler", {}),
+    ("heun", {}), ("heun", {"denoise": True}), ("pc", {}), ("pc", {"corrector_steps": 2}),
+    ("pc", {"corrector": "none"}), ("dpm_solver++", {"order": 3, "denoise": True})])
+def test_expected_nfe_is_what_the_sampler_spends(name, options):
+  """samplers.expected_nfe / steps_for_nfe (what sweeps align cells by) against info['nfe']."""
+  sde = sde_lib.get_sde("vp")
+  score = analytic.GaussianMixture.ring().score_fn(sde)
+  for steps in (3, 7):
+    _, info = samplers.sample(name, score, sde, (4, 2), jax.random.PRNGKey(0), steps=steps,
+                              **options)
+    assert samplers.expected_nfe(name, steps, **options) == info["nfe"]
+  budget = 12
+  steps = samplers.steps_for_nfe(name, budget, **options)
+  assert samplers.expected_nfe(name, steps, **options) <= budget
+  assert samplers.expected_nfe(name, steps + 1, **options) > budget
+  assert samplers.expected_nfe("ode_adaptive", 10) is None
+  assert samplers.steps_for_nfe("ode_adaptive", 10) is None

@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import functools
 import time
-from typing import Any, Dict, List, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 import jax
 
@@ -52,6 +52,24 @@ def available() -> List[str]:
 
 def get(name: str) -> base.SamplerSpec:
   return REGISTRY.get(name)
+
+
+def expected_nfe(name: str, steps: int, **options) -> Optional[int]:
+  """Score evaluations `name` spends in `steps` steps with `options` (the final denoising
+  step counts one); None for an adaptive sampler (its NFE depends on the run)."""
+  spec = REGISTRY.get(name)
+  base.check_steps(name, steps)
+  return spec.nfe(steps, {**spec.defaults, **options})
+
+
+def steps_for_nfe(name: str, nfe: int, **options) -> Optional[int]:
+  """The most steps whose NFE fits in the budget `nfe` (None: adaptive, or not even 1 step)."""
+  spec = REGISTRY.get(name)
+  opts = {**spec.defaults, **options}
+  if spec.evals_per_step is None:
+    return None
+  steps = (int(nfe) - (1 if opts.get("denoise") else 0)) // int(spec.evals_per_step(opts))
+  return steps if steps >= 1 else None
 
 
 @functools.lru_cache(maxsize=256)

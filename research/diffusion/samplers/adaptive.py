@@ -34,7 +34,7 @@ def _check(opts, sde, steps):
                defaults={"solver": "tsit5", "rtol": 1e-5, "atol": 1e-5, "pcoeff": 0.0,
                          "icoeff": 1.0, "dcoeff": 0.0, "denoise": False},
                choices={"solver": tuple(_SOLVERS), "denoise": (False, True)},
-               check=_check)
+               check=_check, evals_per_step=None)
 def ode_adaptive(score_fn, sde, shape, rng, steps, *, solver, rtol, atol, pcoeff, icoeff,
                  dcoeff, denoise):
   """Adaptive Runge-Kutta on the PF ODE. `steps` is the solver's max_steps.

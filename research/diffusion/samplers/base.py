@@ -39,6 +39,14 @@ class SamplerSpec:
   choices: Dict[str, Tuple[Any, ...]]
   check: Callable[[Dict[str, Any], Any, int], None] | None = None
   doc: str = ""
+  # Score evaluations per step from the resolved options; None: adaptive (steps = max_steps).
+  evals_per_step: Callable[[Dict[str, Any]], int] | None = lambda opts: 1
+
+  def nfe(self, steps: int, opts: Dict[str, Any]) -> int | None:
+    """The score evaluations `steps` steps spend (the final denoise counts one); None: adaptive."""
+    if self.evals_per_step is None:
+      return None
+    return int(steps) * int(self.evals_per_step(opts)) + (1 if opts.get("denoise") else 0)
 
   def resolve(self, options: Dict[str, Any], sde, steps: int) -> Dict[str, Any]:
     """Fills defaults and validates `options`; raises ValueError naming the bad argument."""
@@ -222,10 +230,13 @@ def run_fixed_grid(step_fn, score_fn, sde, shape, rng, steps: int, *, grid: str,
 
 
 def register(name: str, *, defaults: Dict[str, Any], choices: Dict[str, Tuple[Any, ...]] = None,
-             check=None):
-  """Decorator registering `run(score_fn, sde, shape, rng, steps, **opts)` as sampler `name`."""
+             check=None, evals_per_step=lambda opts: 1):
+  """Decorator registering `run(score_fn, sde, shape, rng, steps, **opts)` as sampler `name`.
+
+  evals_per_step(opts) -> score evaluations per step (None for an adaptive sampler).
+  """
   def deco(run):
     REGISTRY.register(name, SamplerSpec(name, run, dict(defaults), dict(choices or {}), check,
-                                        run.__doc__ or ""))
+                                        run.__doc__ or "", evals_per_step))
     return run
   return deco

@@ -46,7 +46,7 @@ def _check_heun(opts, sde, steps):
                defaults={"S_churn": 0.0, "S_min": 0.0, "S_max": math.inf, "S_noise": 1.0,
                          "grid": "edm", "rho": 7.0, "denoise": False},
                choices={"grid": base.GRIDS, "denoise": (False, True)},
-               check=_check_heun)
+               check=_check_heun, evals_per_step=lambda opts: 2)
 def heun(score_fn, sde, shape, rng, steps, *, S_churn, S_min, S_max, S_noise, grid, rho,
          denoise):
   """EDM's 2nd-order Heun sampler (Karras et al. 2022, Alg. 2), 2 NFE per step.

@@ -55,7 +55,9 @@ def _batch_norm(a):
                choices={"predictor": ("reverse_diffusion", "euler_maruyama"),
                         "corrector": ("langevin", "none"), "grid": base.GRIDS,
                         "denoise": (False, True)},
-               check=_check("pc"))
+               check=_check("pc"),
+               evals_per_step=lambda o: 1 + (0 if o["corrector"] == "none" else
+                                             int(o["corrector_steps"])))
 def pc(score_fn, sde, shape, rng, steps, *, predictor, corrector, snr, corrector_steps, grid,
        rho, denoise):
   """Predictor-corrector: at each t, `corrector_steps` Langevin steps, then one predictor step.
