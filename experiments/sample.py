@@ -45,6 +45,16 @@ def draw_samples(config, objective, params, request: SampleRequest, rng, num: in
   return np.concatenate(chunks, 0), {"nfe": nfe}
 
 
+def sample_metrics(config, spec, samples: np.ndarray, labels, rng) -> Dict[str, float]:
+  """The quality metrics of `samples`: toy (mode shares, log-density gap, sliced Wasserstein
+  against fresh data from fold_in(rng, 7)) or image (fd_<dataset>, ...)."""
+  if spec.kind == "toy":
+    return toy_sample_metrics(spec.toy, samples, jax.random.fold_in(rng, 7),
+                              num_reference=config.eval.num_reference,
+                              num_projections=config.eval.num_projections)
+  return image_metrics.image_metrics(config, spec, samples, labels)
+
+
 def sample_and_evaluate(config, workdir: str, state=None,
                         request: Optional[SampleRequest] = None,
                         labels=None) -> Dict[str, float]:
@@ -77,16 +87,12 @@ def sample_and_evaluate(config, workdir: str, state=None,
         "earlier checkpoint.")
   wd.save_samples(workdir, tag, samples, labels)
   metrics: Dict[str, float] = {"tag": tag, "nfe": info["nfe"], "sample_seconds": seconds}
+  metrics.update(sample_metrics(config, spec, samples, labels, rng))
   if spec.kind == "toy":
-    ds = spec.toy
-    metrics.update(toy_sample_metrics(ds, samples, jax.random.fold_in(rng, 7),
-                                      num_reference=config.eval.num_reference,
-                                      num_projections=config.eval.num_projections))
-    ref, _ = ds.sample(jax.random.fold_in(rng, 8), 5000)
+    ref, _ = spec.toy.sample(jax.random.fold_in(rng, 8), 5000)
     plotting.scatter(wd.figure_path(workdir, tag), samples, ref, labels=labels,
                      title=f"{config.data.name}: {tag} ({info['nfe']} NFE), step {int(state.step)}")
   else:
-    metrics.update(image_metrics.image_metrics(config, spec, samples, labels))
     plotting.image_grid(wd.figure_path(workdir, tag), samples, title=f"{tag}, step {int(state.step)}")
   wd.MetricWriter(workdir).write(int(state.step), "sample", metrics)
   logging.info("Samples %s: %s", tag, {k: (round(v, 4) if isinstance(v, float) else v)
