@@ -119,6 +119,8 @@ def parse_flags(argv: Sequence[str]):
   for name in ("config", "workdir"):
     if getattr(FLAGS, name) is None:
       raise ConfigError(f"--{name} is required (python -m experiments.main --help).")
+  if FLAGS["verbosity"].using_default_value:
+    FLAGS.verbosity = 0  # INFO, as absl's app.run does
   config = FLAGS.config
   apply_overrides(config, overrides)
   return config, FLAGS.workdir, FLAGS.mode, FLAGS.debug

@@ -26,11 +26,13 @@ from research.diffusion import samplers
 from research.diffusion import sde as sde_lib
 from research.diffusion.schedules import SCHEDULES
 from research.flows.models import KINDS as FLOW_KINDS
+from research.diffusion.parameterization import NETWORK_PREDICTIONS
 from research.models import registry as model_registry
+from research.models.layers import TIME_EMBEDDINGS
+from research.objective import GUIDANCE_KINDS
+from research.train_state import SCHEDULES as LR_SCHEDULES
 
-PREDICTIONS = ("eps", "x0", "v", "score")
-TIME_EMBEDDINGS = ("sinusoidal", "fourier")
-GUIDANCE = ("none", "cfg", "classifier")
+GUIDANCE = ("none",) + GUIDANCE_KINDS
 
 
 def _data(config):
@@ -88,8 +90,8 @@ def _diffusion(config):
   choice(config, "diffusion.sde", sde_lib.SDES)
   choice(config, "diffusion.schedule", SCHEDULES)
   choice(config, "diffusion.loss", losses_lib.LOSSES)
-  choice(config, "diffusion.prediction", PREDICTIONS)
-  choice(config, "diffusion.weighting", ("uniform", "likelihood"))
+  choice(config, "diffusion.prediction", NETWORK_PREDICTIONS)
+  choice(config, "diffusion.weighting", losses_lib.WEIGHTINGS)
   unit_interval(config, "diffusion.p_uncond")
   df = config.diffusion
   positive_float(config, "diffusion.beta_min")
@@ -123,7 +125,7 @@ def _flow(config):
 
 def _optim_and_loop(config):
   positive_float(config, "optim.learning_rate")
-  choice(config, "optim.schedule", ("cosine", "constant"))
+  choice(config, "optim.schedule", LR_SCHEDULES)
   positive_int(config, "optim.warmup_steps", zero_ok=True)
   positive_float(config, "optim.weight_decay", zero_ok=True)
   positive_float(config, "optim.grad_clip", zero_ok=True)

@@ -35,6 +35,9 @@ class TrainState(struct.PyTreeNode):
     return self.replace(step=self.step + 1, params=params, ema_params=ema, opt_state=opt_state)
 
 
+SCHEDULES = ("cosine", "constant")  # learning-rate schedules of make_optimizer
+
+
 def make_optimizer(*, learning_rate: float, warmup_steps: int, total_steps: int,
                    weight_decay: float = 0.0, grad_clip: float = 1.0, b1: float = 0.9,
                    b2: float = 0.999, schedule: str = "cosine"):
@@ -53,7 +56,8 @@ def make_optimizer(*, learning_rate: float, warmup_steps: int, total_steps: int,
         [optax.linear_schedule(0.0, learning_rate, max(warmup_steps, 1)),
          optax.constant_schedule(learning_rate)], [warmup_steps])
   else:
-    raise ValueError(f"optim.schedule={schedule!r}; allowed: 'cosine', 'constant'.")
+    raise ValueError(f"schedule={schedule!r} is not allowed; allowed: "
+                     + ", ".join(map(repr, SCHEDULES)) + ".")
   # The clipping transform is always there (max norm inf when grad_clip <= 0, which leaves
   # every finite gradient unchanged), so toggling grad_clip keeps the optimizer state's
   # structure and a run can resume with it changed.

@@ -25,7 +25,8 @@ ALLOWED = {"kernels": {"kernels"}, "research": {"kernels", "research"},
 
 # experiments/ floor by floor; a module imports only modules of lower floors.
 EXPERIMENT_FLOORS = [
-    {"options", "workdir", "plotting", "convert_inception_weights"},
+    {"options", "plotting", "convert_inception_weights"},
+    {"workdir"},
     {"data"},
     {"builders", "state", "image_metrics"},
     {"validate", "train", "sample"},

@@ -1,4 +1,14 @@
-"""Attention op with a Pallas flash-attention fast path (see op.py and NOTES.md)."""
+"""Attention op with a Pallas flash-attention fast path (see op.py and NOTES.md).
+
+  op.py          dot_product_attention: validation, dispatch ("auto"), the public entry
+  interface.py   AttentionSpec, Implementation, the IMPLEMENTATIONS registry, input checks
+  backends/      one adapter per implementation (pallas, xla, cudnn, mosaic, triton)
+  flash.py       pallas_attention / mosaic_attention: padding, tile plan, custom_vjp
+  forward.py, backward.py, _common.py, block_sizes.py   the Pallas (Triton) kernels
+  mosaic.py, mosaic_backward.py                         the Mosaic GPU (Hopper) kernels
+  reference.py   the dense float32 reference (the xla implementation)
+  testing.py     random inputs, float32 reference results, relative errors (tests, GPU check)
+"""
 from kernels.attention.block_sizes import BlockSizes, default_block_sizes
 from kernels.attention.mosaic import MosaicBlockSizes, default_mosaic_block_sizes
 from kernels.attention.mosaic_backward import MosaicBackwardBlockSizes

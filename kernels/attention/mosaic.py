@@ -343,13 +343,10 @@ def mosaic_forward(q: jax.Array, k: jax.Array, v: jax.Array,
     @pl.when(wg == _COMPUTE_WGS)
     def _memory():
       plgpu.set_max_registers(40, action="decrease")
-      kv_head = lax.div(head, jnp.array(groups, head.dtype))
-      src = lambda step: (batch, pl.ds(step * bkv, bkv), kv_head)
-      stream_tiles(cta_steps, stages, [
-          (lambda step, slot: plgpu.copy_gmem_to_smem(k_ref.at[src(step)], k_smem.at[slot],
-                                                      k_barriers.at[slot]), k_consumed),
-          (lambda step, slot: plgpu.copy_gmem_to_smem(v_ref.at[src(step)], v_smem.at[slot],
-                                                      v_barriers.at[slot]), v_consumed)])
+      stream_kv_tiles(cta_steps, stages, batch=batch, head=head, groups=groups, block_kv=bkv,
+                      k_ref=k_ref, v_ref=v_ref, k_ring=k_smem, v_ring=v_smem,
+                      k_loaded=k_barriers, v_loaded=v_barriers, k_consumed=k_consumed,
+                      v_consumed=v_consumed)
 
   def entry(*refs):
     kvlen_ref, (q_ref, k_ref, v_ref, out_ref, lse_ref) = (
@@ -442,6 +439,21 @@ def stream_tiles(num_steps, stages: int, loads):
     slot = lax.rem(i, jnp.array(stages, i.dtype))
     for _, consumed in loads:
       plgpu.barrier_wait(consumed.at[slot])
+
+
+def stream_kv_tiles(num_steps, stages: int, *, batch, head, groups: int, block_kv: int,
+                    k_ref, v_ref, k_ring, v_ring, k_loaded, v_loaded, k_consumed, v_consumed):
+  """Memory warpgroup of the forward and of the dQ kernel: through `stream_tiles`, TMA copies
+  of the K and V tiles (`block_kv` keys per step) of the kv head that query head `head`
+  reads (`groups` query heads per kv head) into the `k_ring` / `v_ring` slots, each copy
+  arriving on that slot's `k_loaded` / `v_loaded` barrier."""
+  kv_head = lax.div(head, jnp.array(groups, head.dtype))
+  src = lambda step: (batch, pl.ds(step * block_kv, block_kv), kv_head)
+  stream_tiles(num_steps, stages, [
+      (lambda step, slot: plgpu.copy_gmem_to_smem(k_ref.at[src(step)], k_ring.at[slot],
+                                                  k_loaded.at[slot]), k_consumed),
+      (lambda step, slot: plgpu.copy_gmem_to_smem(v_ref.at[src(step)], v_ring.at[slot],
+                                                  v_loaded.at[slot]), v_consumed)])
 
 
 def _refuse_miscompiling_ptxas():

@@ -276,13 +276,10 @@ def _dq(q, k, v, dout, lse, delta, kv_lengths, *, scale, causal, causal_offset,
     @pl.when(wg == _COMPUTE_WGS)
     def _memory():
       plgpu.set_max_registers(40, action="decrease")
-      kv_head = lax.div(head, jnp.array(groups, head.dtype))
-      src = lambda i: (batch, pl.ds(i * bkv, bkv), kv_head)
-      fwd.stream_tiles(cta_steps, stages, [
-          (lambda i, slot: _tma(k_ref.at[src(i)], k_smem.at[slot], k_bar.at[slot]),
-           k_consumed),
-          (lambda i, slot: _tma(v_ref.at[src(i)], v_smem.at[slot], v_bar.at[slot]),
-           v_consumed)])
+      fwd.stream_kv_tiles(cta_steps, stages, batch=batch, head=head, groups=groups,
+                          block_kv=bkv, k_ref=k_ref, v_ref=v_ref, k_ring=k_smem, v_ring=v_smem,
+                          k_loaded=k_bar, v_loaded=v_bar, k_consumed=k_consumed,
+                          v_consumed=v_consumed)
 
   def entry(*refs):
     kvlen_ref, rest = (refs[0], refs[1:]) if has_kv_lengths else (None, refs)

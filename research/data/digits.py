@@ -10,6 +10,8 @@ from typing import Tuple
 
 import numpy as np
 
+from research.data.images import to_model_space  # noqa: F401  (re-exported)
+
 TEST_FRACTION = 0.2  # 359 test images, 1438 train images
 SPLITS = ("train", "test")
 
@@ -37,8 +39,3 @@ def load_digits(split: str = "train", seed: int = 0) -> Tuple[np.ndarray, np.nda
   idx = perm[:num_test] if split == "test" else perm[num_test:]
   idx = np.sort(idx)  # keep the original order inside a split
   return images[idx], labels[idx]
-
-
-def to_model_space(images: np.ndarray) -> np.ndarray:
-  """uint8 images in 0..255 -> float32 in [-1, 1] (x = k / 127.5 - 1), as the trainer feeds them."""
-  return images.astype(np.float32) / 127.5 - 1.0

@@ -28,6 +28,8 @@ from typing import Dict, Iterator, Optional, Sequence, Tuple
 
 import numpy as np
 
+from research.data.images import from_model_space, resize_uint8, to_model_space  # noqa: F401  (re-exported)
+
 OWN_BUILDERS = ("digits", "shapes")
 SPLITS = ("train", "test")
 _READ_CHUNK = 4096
@@ -170,20 +172,6 @@ def _source_info(name, split, builder, resize_to: int, n: int) -> SourceInfo:
                     label_key=label_key, resize_to=resize_to)
 
 
-def resize_uint8(images: np.ndarray, size: int) -> np.ndarray:
-  """Bicubic (upsampling) / area-averaging (downsampling) resize of uint8 [N, H, W, C]."""
-  if images.shape[1] == size and images.shape[2] == size:
-    return images
-  from PIL import Image
-  method = Image.Resampling.BICUBIC if size > images.shape[1] else Image.Resampling.BOX
-  c = images.shape[-1]
-  out = np.empty((len(images), size, size, c), np.uint8)
-  for i, img in enumerate(images):
-    im = Image.fromarray(img[..., 0] if c == 1 else img).resize((size, size), method)
-    out[i] = np.asarray(im).reshape(size, size, c)
-  return out
-
-
 def read(source: Source, indices: Sequence[int]) -> Tuple[np.ndarray, Optional[np.ndarray]]:
   """Examples `indices` of a source as (uint8 images [n, H, W, C], int32 labels [n] | None)."""
   info = source.info
@@ -242,16 +230,6 @@ def process_slice(batch_size: int, process_index: int, process_count: int) -> sl
                      "a multiple of the process count.")
   per = batch_size // process_count
   return slice(process_index * per, (process_index + 1) * per)
-
-
-def to_model_space(images: np.ndarray) -> np.ndarray:
-  """uint8 0..255 -> float32 in [-1, 1] (x = k / 127.5 - 1)."""
-  return images.astype(np.float32) / 127.5 - 1.0
-
-
-def from_model_space(x: np.ndarray) -> np.ndarray:
-  """float in [-1, 1] -> uint8 0..255 (rounded, clipped)."""
-  return np.clip(np.round((np.asarray(x, np.float32) + 1.0) * 127.5), 0, 255).astype(np.uint8)
 
 
 def flip_mask(seed: int, step: int, batch_size: int) -> np.ndarray:

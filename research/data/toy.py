@@ -17,19 +17,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from research import mixture
 from research.registry import Registry
 
 Array = jnp.ndarray
 
 DATASETS: Registry = Registry("toy dataset")
-
-
-def _gmm_log_prob(x: Array, means: Array, stds: Array, weights: Array) -> Array:
-  """log sum_k w_k N(x; mu_k, s_k^2 I) for isotropic components. x [B, D] -> [B]."""
-  d = x.shape[-1]
-  sq = jnp.sum((x[:, None, :] - means[None]) ** 2, axis=-1)  # [B, K]
-  log_comp = (-0.5 * sq / stds**2 - d * jnp.log(stds) - 0.5 * d * math.log(2 * math.pi))
-  return jax.scipy.special.logsumexp(log_comp + jnp.log(weights), axis=-1)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -38,11 +31,15 @@ class _Mixture:
 
   has_density = True
 
-  # Subclasses define `means` [K, dim] (a property) and `std`.
+  # Subclasses define `_means_np()` -> numpy [K, dim] and `std`.
+
+  @property
+  def means(self) -> Array:
+    return jnp.asarray(self._means_np())
 
   @property
   def num_classes(self) -> int:
-    return int(self.means.shape[0])
+    return int(np.shape(self._means_np())[0])
 
   @property
   def stds(self) -> Array:
@@ -62,14 +59,12 @@ class _Mixture:
     return x.astype(jnp.float32), labels.astype(jnp.int32)
 
   def log_prob(self, x: Array) -> Array:
-    return _gmm_log_prob(x, self.means, self.stds, self.weights)
+    return mixture.log_prob(x, self.means, self.stds, jnp.log(self.weights))
 
   def component_log_prob(self, x: Array, labels: Array) -> Array:
     """log p(x | class) [B]."""
-    d = x.shape[-1]
-    mu = self.means[labels]
-    return (-0.5 * jnp.sum((x - mu) ** 2, -1) / self.std**2 - d * math.log(self.std)  # pytype: disable=attribute-error
-            - 0.5 * d * math.log(2 * math.pi))
+    var = jnp.full((x.shape[0], 1), self.std**2, jnp.float32)  # pytype: disable=attribute-error
+    return mixture.component_logpdf(x, self.means[labels][:, None, :], var)[:, 0]
 
 
 @DATASETS.register("ring")
@@ -85,13 +80,12 @@ class Ring(_Mixture):
   std: float = 0.1
   dim: int = 2
 
-  @property
-  def means(self) -> Array:
+  def _means_np(self) -> np.ndarray:
     ang = 2 * np.pi * np.arange(self.num_modes) / self.num_modes
     m = np.zeros((self.num_modes, self.dim), np.float32)
     m[:, 0] = self.radius * np.cos(ang)
     m[:, 1] = self.radius * np.sin(ang)
-    return jnp.asarray(m)
+    return m
 
 
 @DATASETS.register("grid")
@@ -103,13 +97,12 @@ class Grid(_Mixture):
   std: float = 0.05
   dim: int = 2
 
-  @property
-  def means(self) -> Array:
+  def _means_np(self) -> np.ndarray:
     c = (np.arange(self.side) - (self.side - 1) / 2) * self.spacing
     xx, yy = np.meshgrid(c, c, indexing="ij")
     m = np.zeros((self.side * self.side, self.dim), np.float32)
     m[:, 0], m[:, 1] = xx.ravel(), yy.ravel()
-    return jnp.asarray(m)
+    return m
 
 
 @DATASETS.register("checkerboard")

@@ -14,21 +14,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from research import mixture
+
 Array = jax.Array
-
-
-def _component_logpdf(x, means, variances):
-  """log N(x; means_k, variances_k I) -> [B, K]. x [B, D], means [B or 1, K, D], var [B|1, K]."""
-  d = x.shape[-1]
-  sq = jnp.sum((x[:, None, :] - means)**2, axis=-1)
-  return -0.5 * d * jnp.log(2 * jnp.pi * variances) - 0.5 * sq / variances
-
-
-def _marginal_params(means, stds, t, sde):
-  alpha, sigma = sde.marginal(t)  # [B]
-  m = alpha[:, None, None] * means[None]  # [B, K, D]
-  v = (alpha[:, None] * stds[None])**2 + sigma[:, None]**2  # [B, K]
-  return alpha, sigma, m, v
 
 
 @functools.lru_cache(maxsize=None)
@@ -59,9 +47,8 @@ def _score_impl(sde):
 def _denoiser_impl(sde):
   def denoise(means, stds, log_weights, x, t):
     flat = x.reshape(x.shape[0], -1)
-    alpha, _, m, v = _marginal_params(means, stds, t, sde)
-    logits = log_weights[None] + _component_logpdf(flat, m, v)
-    r = jax.nn.softmax(logits, axis=-1)
+    alpha, _, m, v = mixture.diffused(means, stds, t, sde)
+    r = jax.nn.softmax(mixture.posterior_logits(x, means, stds, log_weights, t, sde), axis=-1)
     # Per component: E[x0 | x, k] = mu_k + alpha s_k^2 / v_k (x - alpha mu_k).
     gain = alpha[:, None] * stds[None]**2 / v  # [B, K]
     post = means[None] + gain[..., None] * (flat[:, None, :] - m)
@@ -117,13 +104,13 @@ class GaussianMixture:
 
   def log_prob(self, x: Array) -> Array:
     """Exact log p_0(x) -> [B]."""
-    lp = _component_logpdf(x, self.means[None], self.stds[None]**2)
-    return jax.nn.logsumexp(self.log_weights[None] + lp, axis=-1)
+    return mixture.log_prob(x, self.means, self.stds, self.log_weights)
 
   def log_prob_t(self, x: Array, t: Array, sde) -> Array:
     """Exact log p_t(x) of the diffused mixture -> [B]."""
-    _, _, m, v = _marginal_params(self.means, self.stds, jnp.asarray(t, jnp.float32), sde)
-    return jax.nn.logsumexp(self.log_weights[None] + _component_logpdf(x, m, v), axis=-1)
+    logits = mixture.posterior_logits(x, self.means, self.stds, self.log_weights,
+                                      jnp.asarray(t, jnp.float32), sde)
+    return jax.nn.logsumexp(logits, axis=-1)
 
   def score_fn(self, sde):
     """Exact score of p_t: score(x [B, D], t [B]) -> [B, D].
@@ -139,18 +126,16 @@ class GaussianMixture:
 
   def assign(self, x: Array) -> Array:
     """Most likely component of each x under p_0 -> [B] int."""
-    lp = _component_logpdf(x, self.means[None], self.stds[None]**2)
-    return jnp.argmax(self.log_weights[None] + lp, axis=-1)
+    return mixture.assign(x, self.means, self.stds, self.log_weights)
 
 
 @jax.jit
 def _quality_arrays(means, stds, log_weights, samples, reference):
   def log_p(x):
-    return jax.nn.logsumexp(log_weights[None] + _component_logpdf(x, means[None], stds[None]**2),
-                            axis=-1)
+    return mixture.log_prob(x, means, stds, log_weights)
 
   def assign(x):
-    return jnp.argmax(log_weights[None] + _component_logpdf(x, means[None], stds[None]**2), -1)
+    return mixture.assign(x, means, stds, log_weights)
 
   finite = jnp.all(jnp.isfinite(samples), axis=-1)
   count = jnp.maximum(jnp.sum(finite), 1)

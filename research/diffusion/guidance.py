@@ -51,6 +51,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from research import mixture
 from research.diffusion import parameterization as param
 from research.diffusion.sde import bcast
 
@@ -302,20 +303,9 @@ def flax_classifier_fn(module, params, sde) -> LogitsFn:
 
 
 # ---- exact Gaussian-mixture model and classifier (component = class) ------------------------
-def _diffused(means, stds, t, sde):
-  alpha, sigma = sde.marginal(t)  # [B]
-  m = alpha[:, None, None] * means[None]                          # [B, K, D]
-  v = (alpha[:, None] * stds[None])**2 + sigma[:, None]**2        # [B, K]
-  return m, v
-
-
 def _gmm_logits(means, stds, log_weights, x, t, *, sde):
   """log w_k + log N(x; alpha mu_k, v_k I): log p(k | x_t) up to a per-example constant."""
-  flat = x.reshape(x.shape[0], -1)
-  m, v = _diffused(means, stds, t, sde)
-  d = flat.shape[-1]
-  sq = jnp.sum((flat[:, None, :] - m)**2, axis=-1)
-  return log_weights[None] - 0.5 * d * jnp.log(2 * jnp.pi * v) - 0.5 * sq / v
+  return mixture.posterior_logits(x, means, stds, log_weights, t, sde)
 
 
 @functools.lru_cache(maxsize=None)
@@ -338,16 +328,16 @@ def gmm_classifier_logits(gmm, sde) -> LogitsFn:
 def _gmm_model_impl(sde, prediction: str):
   def model(means, stds, log_weights, x, t, labels):
     flat = x.reshape(x.shape[0], -1)
-    m, v = _diffused(means, stds, t, sde)
+    _, _, m, v = mixture.diffused(means, stds, t, sde)
     k = means.shape[0]
     # Mixture score: posterior-weighted component scores.
     r = jax.nn.softmax(_gmm_logits(means, stds, log_weights, x, t, sde=sde), axis=-1)
     comp = (m - flat[:, None, :]) / v[..., None]                  # [B, K, D]
-    mixture = jnp.einsum("bk,bkd->bd", r, comp)
+    mix = jnp.einsum("bk,bkd->bd", r, comp)
     # Component score for labels < K; label K (null) is the mixture.
     idx = jnp.clip(labels, 0, k - 1)
     chosen = jnp.take_along_axis(comp, idx[:, None, None], axis=1)[:, 0]
-    score = jnp.where((labels == k)[:, None], mixture, chosen).reshape(x.shape)
+    score = jnp.where((labels == k)[:, None], mix, chosen).reshape(x.shape)
     x0 = param.score_to_x0(score, t, sde, x)
     eps = param.score_to_eps(score, t, sde, x)
     return param.from_x0_eps(x0, eps, x, t, sde, prediction)

@@ -36,6 +36,7 @@ which biases the log-density of sharp data (std 0.1 => variance 1e-2) by ~D/2 * 
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Any, Callable, Dict, Tuple
 
@@ -65,26 +66,41 @@ _INIT_EVALS = 1
 UNROLL_MAX_D = 32
 
 
-def _check_common(x, estimator, num_probes, rtol, atol, probe, solver, max_steps, exact_chunk,
-                  ad_mode):
+@dataclasses.dataclass(frozen=True)
+class SolveSettings:
+  """The solver settings of one likelihood solve, checked once and passed down as one value
+  (a static argument of the jitted solve). Fields as `log_likelihood`'s arguments."""
+  estimator: str = "exact"
+  num_probes: int = 1
+  rtol: float = 1e-5
+  atol: float = 1e-5
+  probe: str = "rademacher"
+  solver: str = "dopri5"
+  max_steps: int = 4096
+  exact_chunk: int = 64
+  ad_mode: str = "auto"
+
+  def __post_init__(self):
+    for name, allowed in (("estimator", ESTIMATORS), ("probe", PROBES), ("solver", SOLVERS),
+                          ("ad_mode", AD_MODES)):
+      v = getattr(self, name)
+      if v not in allowed:
+        raise ValueError(f"{name}={v!r} is not allowed; allowed: {', '.join(allowed)}.")
+    for name in ("num_probes", "max_steps", "exact_chunk"):
+      v = getattr(self, name)
+      if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+        raise ValueError(f"{name}={v!r} is not allowed; it must be an integer >= 1.")
+    for name in ("rtol", "atol"):
+      v = getattr(self, name)
+      if isinstance(v, bool) or not isinstance(v, (int, float)) or not v > 0 or math.isinf(v):
+        raise ValueError(f"{name}={v!r} is not allowed; it must be a finite number > 0.")
+      object.__setattr__(self, name, float(v))
+
+
+def _check_x(x):
   if getattr(x, "ndim", 0) < 2:
     raise ValueError(f"x must be a batch [B, *dims] with at least 2 axes, got shape "
                      f"{getattr(x, 'shape', None)}.")
-  if estimator not in ESTIMATORS:
-    raise ValueError(f"estimator={estimator!r} is not allowed; allowed: {', '.join(ESTIMATORS)}.")
-  if probe not in PROBES:
-    raise ValueError(f"probe={probe!r} is not allowed; allowed: {', '.join(PROBES)}.")
-  if solver not in SOLVERS:
-    raise ValueError(f"solver={solver!r} is not allowed; allowed: {', '.join(SOLVERS)}.")
-  if ad_mode not in AD_MODES:
-    raise ValueError(f"ad_mode={ad_mode!r} is not allowed; allowed: {', '.join(AD_MODES)}.")
-  for name, v in (("num_probes", num_probes), ("max_steps", max_steps),
-                  ("exact_chunk", exact_chunk)):
-    if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-      raise ValueError(f"{name}={v!r} is not allowed; it must be an integer >= 1.")
-  for name, v in (("rtol", rtol), ("atol", atol)):
-    if isinstance(v, bool) or not isinstance(v, (int, float)) or not v > 0 or math.isinf(v):
-      raise ValueError(f"{name}={v!r} is not allowed; it must be a finite number > 0.")
 
 
 def _exact_trace(apply, b: int, d: int, exact_chunk: int, dtype) -> Array:
@@ -216,32 +232,28 @@ def draw_probes(rng: Array, shape, num_probes: int, probe: str = "rademacher") -
   return jax.random.normal(rng, shape, jnp.float32)
 
 
-TRACE_COUNT = [0]  # traces of the jitted solve (tests check that new parameters reuse it)
-
-
 @eqx.filter_jit
-def _solve(velocity_fn, prior_logp_fn, x, rng, *, t0, t1, estimator, num_probes, rtol, atol,
-           probe, solver, max_steps, exact_chunk, ad_mode):
+def _solve(velocity_fn, prior_logp_fn, x, rng, *, t0: float, t1: float, s: SolveSettings):
   """The jitted solve. Array leaves of velocity_fn / prior_logp_fn are traced; anything else
-  in them is static (hashed), so reuse the same function objects to hit the cache."""
-  TRACE_COUNT[0] += 1
+  in them (and the settings) is static (hashed), so reuse the same function objects to hit
+  the cache."""
   x = jnp.asarray(x, jnp.float32)
   b = x.shape[0]
   probes = None
-  if estimator == "hutchinson":
-    probes = draw_probes(rng, x.shape, num_probes, probe)
+  if s.estimator == "hutchinson":
+    probes = draw_probes(rng, x.shape, s.num_probes, s.probe)
 
   def vector_field(t, y, args):
     tb = jnp.full((b,), t, jnp.float32)
-    return divergence(lambda xt: velocity_fn(xt, tb), y[0], args, exact_chunk=exact_chunk,
-                      ad_mode=ad_mode)
+    return divergence(lambda xt: velocity_fn(xt, tb), y[0], args, exact_chunk=s.exact_chunk,
+                      ad_mode=s.ad_mode)
 
-  cls, evals_per_step = SOLVERS[solver]
+  cls, evals_per_step = SOLVERS[s.solver]
   sol = diffrax.diffeqsolve(
       diffrax.ODETerm(vector_field), cls(), t0=t0, t1=t1, dt0=None,
       y0=(x, jnp.zeros((b,), jnp.float32)), args=probes, saveat=diffrax.SaveAt(t1=True),
-      stepsize_controller=diffrax.PIDController(rtol=rtol, atol=atol),
-      max_steps=max_steps, throw=False)
+      stepsize_controller=diffrax.PIDController(rtol=s.rtol, atol=s.atol),
+      max_steps=s.max_steps, throw=False)
   z, delta = sol.ys[0][-1], sol.ys[1][-1]
   prior = prior_logp_fn(z)
   num_steps = jnp.asarray(sol.stats["num_steps"], jnp.int32)
@@ -293,18 +305,17 @@ def ode_log_likelihood(velocity_fn: Callable[[Array, Array], Array],
   Returns:
     (logp [B] nats, info) as `log_likelihood`.
   """
-  _check_common(x, estimator, num_probes, rtol, atol, probe, solver, max_steps, exact_chunk,
-                ad_mode)
+  settings = SolveSettings(estimator, num_probes, rtol, atol, probe, solver, max_steps,
+                           exact_chunk, ad_mode)
+  _check_x(x)
   for name, v in (("t0", t0), ("t1", t1)):
     if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
       raise ValueError(f"{name}={v!r} is not allowed; it must be a finite number.")
   if t0 == t1:
     raise ValueError(f"t0={t0!r} and t1={t1!r} must differ.")
   logp, info = _solve(velocity_fn, prior_logp_fn, x, rng, t0=float(t0), t1=float(t1),
-                      estimator=estimator, num_probes=num_probes, rtol=float(rtol),
-                      atol=float(atol), probe=probe, solver=solver, max_steps=max_steps,
-                      exact_chunk=exact_chunk, ad_mode=ad_mode)
-  return _finish(logp, info, max_steps)
+                      s=settings)
+  return _finish(logp, info, settings.max_steps)
 
 
 def log_likelihood(score_fn: ScoreFn, sde, x: Array, rng: Array, *, estimator: str = "exact",
@@ -355,11 +366,9 @@ def log_likelihood(score_fn: ScoreFn, sde, x: Array, rng: Array, *, estimator: s
   if isinstance(t_min, bool) or not isinstance(t_min, (int, float)) or not 0 < t_min < sde.T:
     raise ValueError(f"t_min={t_min!r} is not allowed; it must be a number in (0, sde.T="
                      f"{sde.T}).")
-  _check_common(x, estimator, num_probes, rtol, atol, probe, solver, max_steps, exact_chunk,
-                ad_mode)
+  settings = SolveSettings(estimator, num_probes, rtol, atol, probe, solver, max_steps,
+                           exact_chunk, ad_mode)
+  _check_x(x)
   logp, info = _solve(ProbabilityFlow(score_fn, sde), sde.prior_logp, x, rng,
-                      t0=float(t_min), t1=float(sde.T), estimator=estimator,
-                      num_probes=num_probes, rtol=float(rtol), atol=float(atol), probe=probe,
-                      solver=solver, max_steps=max_steps, exact_chunk=exact_chunk,
-                      ad_mode=ad_mode)
-  return _finish(logp, info, max_steps)
+                      t0=float(t_min), t1=float(sde.T), s=settings)
+  return _finish(logp, info, settings.max_steps)

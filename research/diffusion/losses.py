@@ -47,9 +47,10 @@ _DEFAULTS: Dict[str, Dict] = {
     "v": {"time_sampling": "continuous", "num_steps": 1000, "reduce": "mean"},
     "edm": {"sigma_data": 0.5, "p_mean": -1.2, "p_std": 1.2, "reduce": "mean"},
 }
+WEIGHTINGS = ("uniform", "likelihood")  # dsm: lambda(t) = 1 or g(t)^2 (Song et al. 2021)
 _CHOICES = {
     "time_sampling": ("discrete", "continuous"),
-    "weighting": ("uniform", "likelihood"),
+    "weighting": WEIGHTINGS,
     "reduce": ("mean", "sum"),
 }
 

@@ -28,6 +28,9 @@ from research.diffusion.sde import bcast
 
 Array = jax.Array
 PREDICTIONS = ("eps", "x0", "v", "score", "edm")
+# What a network can be trained to predict with the ddpm / dsm / v losses; "edm" is the
+# preconditioned output of loss "edm" (losses.sampling_prediction), chosen by the loss.
+NETWORK_PREDICTIONS = tuple(p for p in PREDICTIONS if p != "edm")
 
 
 def check_prediction(prediction: str) -> None:

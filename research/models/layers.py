@@ -9,6 +9,9 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 
+TIME_EMBEDDINGS = ("sinusoidal", "fourier")
+
+
 def sinusoidal_embedding(t: jnp.ndarray, dim: int, max_period: float = 10_000.0,
                          scale: float = 1000.0) -> jnp.ndarray:
   """Transformer-style features of a continuous time t [B] -> [B, dim].
@@ -43,7 +46,7 @@ class FourierEmbedding(nn.Module):
 class TimeEmbedding(nn.Module):
   """Time features followed by a 2-layer MLP: t [B] -> [B, dim]."""
   dim: int
-  kind: str = "sinusoidal"  # "sinusoidal" | "fourier"
+  kind: str = "sinusoidal"  # one of TIME_EMBEDDINGS
 
   @nn.compact
   def __call__(self, t: jnp.ndarray) -> jnp.ndarray:
@@ -52,7 +55,8 @@ class TimeEmbedding(nn.Module):
     elif self.kind == "fourier":
       h = FourierEmbedding(self.dim)(t)
     else:
-      raise ValueError(f"time embedding kind={self.kind!r}; allowed: 'sinusoidal', 'fourier'.")
+      raise ValueError(f"time embedding kind={self.kind!r}; allowed: "
+                       + ", ".join(map(repr, TIME_EMBEDDINGS)) + ".")
     h = nn.Dense(self.dim)(h)
     h = nn.silu(h)
     return nn.Dense(self.dim)(h)

@@ -77,8 +77,9 @@ def test_compiled_once_per_shape_and_steps_without_host_round_trips():
   """Image-shaped batches [B, H, W] work too; the mixture lives on the flattened H * W."""
   shape = (5, 2, 3)
   gmm = analytic.GaussianMixture.ring(num_modes=8, radius=4.0, std=0.1, dim=6)
-  key = ("dpm_solver++", VP, shape, 6)
-  assert not [k for k in samplers.TRACE_COUNTS if k[:4] == key]
+  # The jitted sampler of one (name, sde, shape, steps, options); its cache counts traces.
+  jitted = lambda fn, steps: samplers._prepare("dpm_solver++", fn, VP, shape, steps, {})
+  assert jitted(gmm.score_fn(VP), 6)._cache_size() == 0
   x, _ = samplers.sample("dpm_solver++", gmm.score_fn(VP), VP, shape, jax.random.PRNGKey(0),
                          steps=6)
   assert x.shape == shape and bool(jnp.all(jnp.isfinite(x)))
@@ -87,11 +88,10 @@ def test_compiled_once_per_shape_and_steps_without_host_round_trips():
   fn, rng = other.score_fn(VP), jax.random.PRNGKey(1)
   with jax.transfer_guard("disallow"):
     samplers.sample("dpm_solver++", fn, VP, shape, rng, steps=6)
-  counts = [v for k, v in samplers.TRACE_COUNTS.items() if k[:4] == key]
-  assert counts == [1]
+  assert jitted(fn, 6)._cache_size() == 1
+  assert jitted(fn, 7)._cache_size() == 0
   samplers.sample("dpm_solver++", fn, VP, shape, rng, steps=7)  # new steps: one more trace
-  assert sum(v for k, v in samplers.TRACE_COUNTS.items()
-             if k[:3] == ("dpm_solver++", VP, shape)) == 2
+  assert jitted(fn, 7)._cache_size() == 1 and jitted(fn, 6)._cache_size() == 1
   # The loop is a single scan in the program, not unrolled per step.
   jaxpr = jax.make_jaxpr(lambda r: samplers.get("dpm_solver++").run(
       fn, VP, shape, r, 6, order=2, grid="logsnr", rho=7.0, lower_order_final="auto",
@@ -199,3 +199,17 @@ def test_deterministic_samplers_converge_at_their_order():
                                                      steps=s)[0] - ref)**2)))
             for s in (80, 160)]
     assert errs[0] / errs[1] >= factor, (name, errs)
+
+
+@pytest.mark.parametrize("sde", [VP, sde_lib.VESDE()], ids=["vp", "ve"])
+def test_heun_churn_outside_its_sigma_range_equals_no_churn_bit_for_bit(sde):
+  """S_churn > 0 with [S_min, S_max] beyond every sigma of the grid churns no step."""
+  fn = RING2.score_fn(sde)
+  rng = jax.random.PRNGKey(7)
+  base, _ = samplers.sample("heun", fn, sde, (64, 2), rng, steps=18)
+  far = 10.0 * float(sde.edm_sigma(sde.T))
+  churned, _ = samplers.sample("heun", fn, sde, (64, 2), rng, steps=18, S_churn=40.0,
+                               S_min=far, S_max=far)
+  np.testing.assert_array_equal(np.asarray(base), np.asarray(churned))
+  inside, _ = samplers.sample("heun", fn, sde, (64, 2), rng, steps=18, S_churn=40.0)
+  assert not np.array_equal(np.asarray(base), np.asarray(inside))  # and churn does act

@@ -105,7 +105,8 @@ def test_image_loss_is_discrete_nll_and_bpd(image_flow):
 
 def test_sampling_temperature_labels_and_range(image_flow):
   obj, params, _ = image_flow
-  sample = jax.jit(obj.sample, static_argnums=2)
+  sample = jax.jit(lambda p, k, n, labels=None, temperature=1.0: obj.sample(
+      p, k, n, labels=labels, temperature=temperature), static_argnums=2)
   x, info = sample(params, key(3), 5, jnp.arange(5), 1.0)
   assert x.shape == (5, 8, 8, 1)
   assert float(x.min()) >= -1.0 and float(x.max()) <= 1.0  # clipped to the data range

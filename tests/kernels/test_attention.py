@@ -16,31 +16,14 @@ import numpy as np
 import pytest
 
 from kernels.attention import (BlockSizes, available_implementations, dot_product_attention,
-                               mha_reference, pallas_attention)
+                               pallas_attention)
+from kernels.attention.testing import (as_kv_lengths, fwd_bwd, random_inputs,
+                                       reference_fwd_bwd)
+from kernels.attention.testing import rel_error as _rel
 
 FAST_COMPILE = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
 SMALL_TILES = BlockSizes(block_q=32, block_k=16, block_q_dkv=16, block_k_dkv=32,
                          block_q_dq=32, block_k_dq=16)
-
-
-def _rel(x, ref) -> float:
-  x = np.asarray(x, np.float64)
-  ref = np.asarray(ref, np.float64)
-  return float(np.abs(x - ref).max() / max(np.abs(ref).max(), 1e-30))
-
-
-def _inputs(seed, b, t, s, h, hkv, d, dtype):
-  ks = jax.random.split(jax.random.PRNGKey(seed), 4)
-  q = jax.random.normal(ks[0], (b, t, h, d), jnp.float32).astype(dtype)
-  k = jax.random.normal(ks[1], (b, s, hkv, d), jnp.float32).astype(dtype)
-  v = jax.random.normal(ks[2], (b, s, hkv, d), jnp.float32).astype(dtype)
-  do = jax.random.normal(ks[3], (b, t, h, d), jnp.float32).astype(dtype)
-  return q, k, v, do
-
-
-def _fwd_bwd(attn, q, k, v, do):
-  out, vjp = jax.vjp(attn, q, k, v)
-  return (out,) + vjp(do)
 
 
 # name: (B, T, S, H, Hkv, D, causal, kv_lengths, scale)
@@ -58,14 +41,13 @@ CASES = {
 @functools.lru_cache(maxsize=None)  # several tests inspect the same (compile-bound) run
 def _run_case(name, dtype, seed=0):
   b, t, s, h, hkv, d, causal, kvl, scale = CASES[name]
-  q, k, v, do = _inputs(seed, b, t, s, h, hkv, d, dtype)
-  kvl = None if kvl is None else jnp.asarray(kvl, jnp.int32)
+  q, k, v, do = random_inputs(seed, b, t, s, h, hkv, d, dtype)
+  kvl = as_kv_lengths(kvl)
   ours = functools.partial(pallas_attention, causal=causal, kv_lengths=kvl, scale=scale,
                            block_sizes=SMALL_TILES, interpret=True)
-  ref = functools.partial(mha_reference, causal=causal, kv_lengths=kvl, scale=scale)
-  got = jax.jit(lambda *a: _fwd_bwd(ours, *a), compiler_options=FAST_COMPILE)(q, k, v, do)
-  f32 = [x.astype(jnp.float32) for x in (q, k, v, do)]
-  want = jax.jit(lambda *a: _fwd_bwd(ref, *a), compiler_options=FAST_COMPILE)(*f32)
+  got = jax.jit(lambda *a: fwd_bwd(ours, *a), compiler_options=FAST_COMPILE)(q, k, v, do)
+  want = reference_fwd_bwd(q, k, v, do, causal=causal, kv_lengths=kvl, scale=scale,
+                           compiler_options=FAST_COMPILE)
   return got, want, (b, t, s, causal, kvl)
 
 
@@ -135,7 +117,7 @@ def test_op_pallas_interpret_equals_xla_under_jit_and_vmap():
 
 
 def test_dispatch_errors_are_clear():
-  q, k, v, _ = _inputs(0, 1, 8, 8, 2, 2, 16, jnp.float32)
+  q, k, v, _ = random_inputs(0, 1, 8, 8, 2, 2, 16, jnp.float32)
   with pytest.raises(ValueError,
                      match="allowed: 'auto', 'cudnn', 'mosaic', 'pallas', 'triton', 'xla'"):
     dot_product_attention(q, k, v, implementation="flash")

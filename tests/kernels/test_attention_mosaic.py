@@ -23,6 +23,9 @@ from kernels.attention import (BlockSizes, MosaicBlockSizes, default_mosaic_bloc
                                dot_product_attention, mha_reference, mosaic_attention)
 from kernels.attention.mosaic import races_found
 from kernels.attention.mosaic_backward import MosaicBackwardBlockSizes
+from kernels.attention.testing import (as_kv_lengths, fwd_bwd, random_inputs,
+                                       reference_fwd_bwd)
+from kernels.attention.testing import rel_error as _rel
 
 FAST_COMPILE = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
 # Smallest legal Mosaic tiles: a CTA is 2 x 64 query rows, keys stream 64 at a time through a
@@ -30,12 +33,6 @@ FAST_COMPILE = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive
 MOSAIC_TILES = MosaicBlockSizes(block_q=64, block_kv=64, num_stages=2)
 BWD_TILES = BlockSizes(block_q=64, block_k=64, block_q_dkv=32, block_k_dkv=64,
                        block_q_dq=64, block_k_dq=32)
-
-
-def _rel(x, ref) -> float:
-  x = np.asarray(x, np.float64)
-  ref = np.asarray(ref, np.float64)
-  return float(np.abs(x - ref).max() / max(np.abs(ref).max(), 1e-30))
 
 
 # name: (B, T, S, H, Hkv, D, causal, kv_lengths, scale)
@@ -60,30 +57,20 @@ WIDE_BWD_TILES = MosaicBackwardBlockSizes(block_q=128, block_kv=64, num_stages=3
 @functools.lru_cache(maxsize=None)
 def _run(name, dtype=jnp.bfloat16, seed=0, backward="mosaic"):
   b, t, s, h, hkv, d, causal, kvl, scale = CASES[name]
-  kvl = None if kvl is None else jnp.asarray(kvl, jnp.int32)
-  ks = jax.random.split(jax.random.PRNGKey(seed), 4)
-  q = jax.random.normal(ks[0], (b, t, h, d), jnp.float32)
-  k = jax.random.normal(ks[1], (b, s, hkv, d), jnp.float32)
-  v = jax.random.normal(ks[2], (b, s, hkv, d), jnp.float32)
-  do = jax.random.normal(ks[3], (b, t, h, d), jnp.float32)
-  low = [x.astype(dtype) for x in (q, k, v, do)]
-  ref_in = [x.astype(jnp.float32) for x in low]  # the same rounded inputs
-
-  def fwd_bwd(attn, q, k, v, do):
-    out, vjp = jax.vjp(attn, q, k, v)
-    return (out,) + vjp(do)
-
+  kvl = as_kv_lengths(kvl)
+  low = random_inputs(seed, b, t, s, h, hkv, d, dtype)
   ours = functools.partial(mosaic_attention, causal=causal, kv_lengths=kvl, scale=scale,
                            block_sizes=BWD_TILES, mosaic_block_sizes=MOSAIC_TILES,
                            backward=backward, interpret=True,
                            mosaic_backward_block_sizes=(
                                WIDE_BWD_TILES if name == "causal_gqa_wide_bwd_tiles" else None))
-  ref = functools.partial(mha_reference, causal=causal, kv_lengths=kvl, scale=scale)
   # Op by op, not under one jit: with the forward's GPU interpreter and the backward in one
   # XLA:CPU program, the interpreter's simulated warpgroups deadlocked (jax 0.10.2, 2 cores);
   # each kernel is still compiled and run on its own.
   got = fwd_bwd(ours, *low)
-  want = jax.jit(functools.partial(fwd_bwd, ref), compiler_options=FAST_COMPILE)(*ref_in)
+  # The reference runs on the same rounded inputs.
+  want = reference_fwd_bwd(*low, causal=causal, kv_lengths=kvl, scale=scale,
+                           compiler_options=FAST_COMPILE)
   return got, want
 
 
@@ -235,17 +222,18 @@ def test_mosaic_kernel_lowers_for_cuda(dtype, d, causal, hkv, in_place, kvl):
 def test_auto_picks_mosaic_only_where_measured(monkeypatch):
   """auto: mosaic on Hopper for bf16/fp16 up to head dim 128 (GPU runs 3-4), else pallas."""
   from kernels.attention import op
+  from kernels.attention.backends import mosaic as mosaic_backend
 
   def spec(dtype=jnp.bfloat16, d=128, backend="gpu"):
     return op.AttentionSpec(batch=2, q_len=512, kv_len=512, num_heads=8, num_kv_heads=8,
                             head_dim=d, dtype=jnp.dtype(dtype), causal=True,
                             has_kv_lengths=False, interpret=False, backend=backend)
 
-  monkeypatch.setattr(op, "_is_hopper", lambda: True)
+  monkeypatch.setattr(mosaic_backend, "_is_hopper", lambda: True)
   assert op._auto(spec()) == "mosaic"
   assert op._auto(spec(jnp.float16, 40)) == "mosaic"
   assert op._auto(spec(jnp.float32)) == "pallas"  # Mosaic kernels take half precision only
   assert op._auto(spec(d=256)) == "pallas"  # Mosaic forward at D = 256 is untimed
   assert op._auto(spec(backend="cpu")) == "xla"
-  monkeypatch.setattr(op, "_is_hopper", lambda: False)  # e.g. an A100
+  monkeypatch.setattr(mosaic_backend, "_is_hopper", lambda: False)  # e.g. an A100
   assert op._auto(spec()) == "pallas"

@@ -11,7 +11,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 
 from research.data import digits as digits_lib
-from research.data import pipeline
+from research.data import images as images_lib
 
 SIZES = (8, 16, 32)
 
@@ -19,19 +19,6 @@ SIZES = (8, 16, 32)
 @dataclasses.dataclass
 class DigitsConfig(tfds.core.BuilderConfig):
   size: int = 8  # side length in pixels (8 = native)
-
-
-def resize_images(images: np.ndarray, size: int) -> np.ndarray:
-  """Bicubic resize of uint8 [N, H, W, C] images to [N, size, size, C] (PIL, no TensorFlow)."""
-  if images.shape[1] == size and images.shape[2] == size:
-    return images
-  from PIL import Image
-  out = np.empty((images.shape[0], size, size, images.shape[-1]), np.uint8)
-  for i, img in enumerate(images):
-    for c in range(images.shape[-1]):
-      im = Image.fromarray(img[..., c]).resize((size, size), Image.Resampling.BICUBIC)
-      out[i, ..., c] = np.asarray(im)
-  return out
 
 
 class Digits(tfds.core.GeneratorBasedBuilder):
@@ -64,6 +51,6 @@ class Digits(tfds.core.GeneratorBasedBuilder):
 
   def _generate_examples(self, split: str):
     images, labels = digits_lib.load_digits(split)
-    images = pipeline.resize_uint8(images, self.builder_config.size)
+    images = images_lib.resize_uint8(images, self.builder_config.size)
     for i, (img, lab) in enumerate(zip(images, labels)):
       yield i, {"image": img, "label": int(lab)}

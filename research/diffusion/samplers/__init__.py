@@ -45,9 +45,6 @@ from research.diffusion.samplers import dpm_solver as _dpm_solver  # noqa: F401
 from research.diffusion.samplers import adaptive as _adaptive  # noqa: F401
 from research.diffusion.samplers.base import GRIDS, REGISTRY, time_grid  # noqa: F401
 
-# Trace counter per cache key: tests use it to check "compiled once per (shape, steps)".
-TRACE_COUNTS: Dict[Tuple, int] = {}
-
 
 def available() -> List[str]:
   return REGISTRY.names()
@@ -60,10 +57,8 @@ def get(name: str) -> base.SamplerSpec:
 @functools.lru_cache(maxsize=256)
 def _compiled(name: str, sde, shape: Tuple[int, ...], steps: int, opts: Tuple, dynamic: bool):
   spec = REGISTRY.get(name)
-  key = (name, sde, shape, steps, opts, dynamic)
 
   def run(score_fn, rng):
-    TRACE_COUNTS[key] = TRACE_COUNTS.get(key, 0) + 1
     return spec.run(score_fn, sde, shape, rng, steps, **dict(opts))
 
   return jax.jit(run) if dynamic else jax.jit(run, static_argnums=0)

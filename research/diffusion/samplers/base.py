@@ -1,8 +1,10 @@
-"""Shared pieces of the samplers: time grids, option checking, the fixed-grid scan driver.
+"""Shared pieces of the samplers: time grids, option checking, the fixed-grid driver.
 
 A sampler family module defines `run(score_fn, sde, shape, rng, steps, **opts)` returning
 `(x, nfe, extra)` where nfe is an int32 array counted at run time (each score evaluation
-adds one inside the scanned step) and extra is a dict of scalar arrays for `info`.
+adds one inside the scanned step) and extra is a dict of scalar arrays for `info`. Fixed-step
+families write only their step function and hand it to `run_fixed_grid` (prior sample ->
+grid -> scan -> optional denoise).
 """
 from __future__ import annotations
 
@@ -124,6 +126,30 @@ def finish(score_fn, sde, x: Array, nfe: Array, denoise_final: bool):
     return x, nfe
   t = full_t(sde.eps, x.shape[0])
   return denoise(score_fn, sde, x, t), nfe + 1
+
+
+def run_fixed_grid(step_fn, score_fn, sde, shape, rng, steps: int, *, grid: str, rho: float,
+                   denoise: bool, init=None, unpack=None, with_index: bool = False):
+  """The driver every fixed-step sampler plugs its step into: returns (x, nfe, extra).
+
+  prior sample x_T from split(rng)[0] (so every sampler starts from the same noise) ->
+  the time grid -> one lax.scan of `carry = step_fn(carry, t_cur, t_next, key[, i])` over
+  consecutive grid pairs (keys from split(rng)[1]) -> the optional final denoising step.
+
+  Args:
+    step_fn: one step; its carry is (x, nfe) unless `init` says otherwise.
+    init: (x_T, grid) -> initial carry (default (x_T, 0)).
+    unpack: (carry, grid) -> (x, nfe) after the last step (default: carry[0], carry[-1]).
+    with_index: pass the step index i to step_fn.
+  """
+  rng_init, rng_steps = jax.random.split(rng)
+  x = sde.prior_sample(rng_init, shape)
+  grid_t = time_grid(sde, steps, grid, rho)
+  carry = (x, jnp.int32(0)) if init is None else init(x, grid_t)
+  carry = scan_grid(step_fn, carry, grid_t, rng_steps, with_index=with_index)
+  x, nfe = (carry[0], carry[-1]) if unpack is None else unpack(carry, grid_t)
+  x, nfe = finish(score_fn, sde, x, nfe, denoise)
+  return x, nfe, {}
 
 
 def register(name: str, *, defaults: Dict[str, Any], choices: Dict[str, Tuple[Any, ...]] = None,

@@ -34,8 +34,6 @@ def _check_grid(name, opts, sde, steps):
                check=lambda o, sde, n: _check_grid("ddpm", o, sde, n))
 def ddpm(score_fn, sde, shape, rng, steps, *, grid, rho, variance, denoise):
   """Ancestral sampling (DDPM). variance: "posterior" (beta_tilde) or "forward" (beta)."""
-  rng_init, rng_steps = jax.random.split(rng)
-  x = sde.prior_sample(rng_init, shape)
   batch = shape[0]
 
   def step(carry, t_cur, t_next, key):
@@ -48,10 +46,8 @@ def ddpm(score_fn, sde, shape, rng, steps, *, grid, rho, variance, denoise):
     x = mean + jnp.sqrt(var) * jax.random.normal(key, x.shape, x.dtype)
     return x, nfe + 1
 
-  grid_t = base.time_grid(sde, steps, grid, rho)
-  x, nfe = base.scan_grid(step, (x, jnp.int32(0)), grid_t, rng_steps)
-  x, nfe = base.finish(score_fn, sde, x, nfe, denoise)
-  return x, nfe, {}
+  return base.run_fixed_grid(step, score_fn, sde, shape, rng, steps, grid=grid, rho=rho,
+                             denoise=denoise)
 
 
 @base.register("ddim", defaults={"eta": 0.0, "grid": "uniform", "rho": 7.0, "denoise": False},
@@ -64,8 +60,6 @@ def ddim(score_fn, sde, shape, rng, steps, *, eta, grid, rho, denoise):
   x_s = alpha_s x0_hat + sqrt(sigma_s^2 - c^2) eps_hat + c z with c = eta * posterior std.
   With eta = 0 this is the exponential-integrator Euler step of the probability-flow ODE.
   """
-  rng_init, rng_steps = jax.random.split(rng)
-  x = sde.prior_sample(rng_init, shape)
   batch = shape[0]
 
   def step(carry, t_cur, t_next, key):
@@ -83,8 +77,6 @@ def ddim(score_fn, sde, shape, rng, steps, *, eta, grid, rho, denoise):
       x = x + jnp.sqrt(c2) * jax.random.normal(key, x.shape, x.dtype)
     return x, nfe + 1
 
-  grid_t = base.time_grid(sde, steps, grid, rho)
-  x, nfe = base.scan_grid(step, (x, jnp.int32(0)), grid_t, rng_steps)
-  x, nfe = base.finish(score_fn, sde, x, nfe, denoise)
-  return x, nfe, {}
+  return base.run_fixed_grid(step, score_fn, sde, shape, rng, steps, grid=grid, rho=rho,
+                             denoise=denoise)
 

@@ -34,8 +34,6 @@ def _check(opts, sde, steps):
 def dpm_solver_pp(score_fn, sde, shape, rng, steps, *, order, grid, rho, lower_order_final,
                   denoise):
   """DPM-Solver++(order)M; 1 NFE per step."""
-  rng_init, rng_steps = jax.random.split(rng)
-  x = sde.prior_sample(rng_init, shape)
   batch = shape[0]
   low_final = lower_order_final is True or (lower_order_final == "auto" and steps < 15)
 
@@ -74,10 +72,10 @@ def dpm_solver_pp(score_fn, sde, shape, rng, steps, *, order, grid, rho, lower_o
     x_new = jax.lax.switch(k - 1, [first, second, third][:order], None)
     return x_new, m0, m1, h, h1, nfe + 1
 
-  grid_t = base.time_grid(sde, steps, grid, rho)
-  zeros = jnp.zeros(shape, jnp.float32)
-  one = jnp.float32(1.0)
-  carry = (x, zeros, zeros, one, one, jnp.int32(0))
-  x, *_, nfe = base.scan_grid(step, carry, grid_t, rng_steps, with_index=True)
-  x, nfe = base.finish(score_fn, sde, x, nfe, denoise)
-  return x, nfe, {}
+  def init(x, grid_t):  # x, two previous x0_hat, two previous step sizes, nfe
+    del grid_t
+    zeros, one = jnp.zeros(shape, jnp.float32), jnp.float32(1.0)
+    return (x, zeros, zeros, one, one, jnp.int32(0))
+
+  return base.run_fixed_grid(step, score_fn, sde, shape, rng, steps, grid=grid, rho=rho,
+                             denoise=denoise, init=init, with_index=True)

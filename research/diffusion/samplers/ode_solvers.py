@@ -23,8 +23,6 @@ from research.diffusion.samplers.base import full_t
                check=lambda o, sde, n: base.check_positive("ode_euler", o, "rho"))
 def ode_euler(score_fn, sde, shape, rng, steps, *, grid, rho, denoise):
   """Euler's method on the probability-flow ODE in t (first order; 1 NFE per step)."""
-  rng_init, rng_steps = jax.random.split(rng)
-  x = sde.prior_sample(rng_init, shape)
   batch = shape[0]
 
   def step(carry, t_cur, t_next, key):
@@ -33,10 +31,8 @@ def ode_euler(score_fn, sde, shape, rng, steps, *, grid, rho, denoise):
     x = x + (t_next - t_cur) * sde.probability_flow_drift(x, t, score_fn(x, t))
     return x, nfe + 1
 
-  grid_t = base.time_grid(sde, steps, grid, rho)
-  x, nfe = base.scan_grid(step, (x, jnp.int32(0)), grid_t, rng_steps)
-  x, nfe = base.finish(score_fn, sde, x, nfe, denoise)
-  return x, nfe, {}
+  return base.run_fixed_grid(step, score_fn, sde, shape, rng, steps, grid=grid, rho=rho,
+                             denoise=denoise)
 
 
 def _check_heun(opts, sde, steps):
@@ -62,8 +58,6 @@ def heun(score_fn, sde, shape, rng, steps, *, S_churn, S_min, S_max, S_noise, gr
   Unlike EDM the grid ends at eps (not sigma = 0), so every step is a Heun step; use
   denoise=True for EDM's final jump to sigma = 0.
   """
-  rng_init, rng_steps = jax.random.split(rng)
-  x = sde.prior_sample(rng_init, shape)
   batch = shape[0]
   sigma_top = sde.edm_sigma(sde.T)
   gamma_max = min(S_churn / steps, math.sqrt(2.0) - 1.0)
@@ -83,7 +77,10 @@ def heun(score_fn, sde, shape, rng, steps, *, S_churn, S_min, S_max, S_noise, gr
       s_hat = jnp.minimum(s_cur * (1.0 + gamma), sigma_top)
       t_hat = jnp.where(s_hat > s_cur, sde.t_from_edm_sigma(s_hat), t_cur)
       noise = jax.random.normal(key, xs.shape, xs.dtype)
-      xs = xs + jnp.sqrt(jnp.maximum(s_hat**2 - s_cur**2, 0.0)) * S_noise * noise
+      # Guarded like t_hat: with gamma = 0, s_hat**2 - s_cur**2 is a rounding error under jit
+      # (1e-3 at sigma = 152), whose square root would churn a step that must not be.
+      amp = jnp.where(s_hat > s_cur, jnp.sqrt(jnp.maximum(s_hat**2 - s_cur**2, 0.0)), 0.0)
+      xs = xs + amp * S_noise * noise
     else:
       s_hat, t_hat = s_cur, t_cur
     d = d_dsigma(xs, t_hat, s_hat)
@@ -92,9 +89,11 @@ def heun(score_fn, sde, shape, rng, steps, *, S_churn, S_min, S_max, S_noise, gr
     xs = xs + (s_next - s_hat) * 0.5 * (d + d2)
     return xs, nfe + 2
 
-  grid_t = base.time_grid(sde, steps, grid, rho)
-  alpha_top, _ = sde.marginal(grid_t[0])
-  xs, nfe = base.scan_grid(step, (x / alpha_top, jnp.int32(0)), grid_t, rng_steps)
-  alpha_end, _ = sde.marginal(grid_t[-1])
-  x, nfe = base.finish(score_fn, sde, alpha_end * xs, nfe, denoise)
-  return x, nfe, {}
+  def init(x, grid_t):  # the EDM state x / alpha
+    return x / sde.marginal(grid_t[0])[0], jnp.int32(0)
+
+  def unpack(carry, grid_t):
+    return sde.marginal(grid_t[-1])[0] * carry[0], carry[1]
+
+  return base.run_fixed_grid(step, score_fn, sde, shape, rng, steps, grid=grid, rho=rho,
+                             denoise=denoise, init=init, unpack=unpack)

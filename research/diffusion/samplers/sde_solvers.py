@@ -29,8 +29,6 @@ def _check(name):
                check=_check("euler_maruyama"))
 def euler_maruyama(score_fn, sde, shape, rng, steps, *, grid, rho, denoise):
   """x_{t-h} = x - h [f x - g^2 score] + g sqrt(h) z on the reverse-time SDE."""
-  rng_init, rng_steps = jax.random.split(rng)
-  x = sde.prior_sample(rng_init, shape)
   batch = shape[0]
 
   def step(carry, t_cur, t_next, key):
@@ -42,10 +40,8 @@ def euler_maruyama(score_fn, sde, shape, rng, steps, *, grid, rho, denoise):
     x = x - h * drift + g * jnp.sqrt(h) * jax.random.normal(key, x.shape, x.dtype)
     return x, nfe + 1
 
-  grid_t = base.time_grid(sde, steps, grid, rho)
-  x, nfe = base.scan_grid(step, (x, jnp.int32(0)), grid_t, rng_steps)
-  x, nfe = base.finish(score_fn, sde, x, nfe, denoise)
-  return x, nfe, {}
+  return base.run_fixed_grid(step, score_fn, sde, shape, rng, steps, grid=grid, rho=rho,
+                             denoise=denoise)
 
 
 def _batch_norm(a):
@@ -72,8 +68,6 @@ def pc(score_fn, sde, shape, rng, steps, *, predictor, corrector, snr, corrector
   sigma_{t|s} z (the discretised reverse SDE; ancestral with the forward variance), or
   "euler_maruyama". NFE per step: corrector_steps + 1.
   """
-  rng_init, rng_steps = jax.random.split(rng)
-  x = sde.prior_sample(rng_init, shape)
   batch = shape[0]
   n_corr = corrector_steps if corrector == "langevin" else 0
 
@@ -99,7 +93,5 @@ def pc(score_fn, sde, shape, rng, steps, *, predictor, corrector, snr, corrector
       x = x - h * sde.reverse_drift(x, t, score) + jnp.sqrt(sde.g2(t_cur) * h) * z
     return x, nfe
 
-  grid_t = base.time_grid(sde, steps, grid, rho)
-  x, nfe = base.scan_grid(step, (x, jnp.int32(0)), grid_t, rng_steps)
-  x, nfe = base.finish(score_fn, sde, x, nfe, denoise)
-  return x, nfe, {}
+  return base.run_fixed_grid(step, score_fn, sde, shape, rng, steps, grid=grid, rho=rho,
+                             denoise=denoise)
