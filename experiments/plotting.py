@@ -57,3 +57,31 @@ def image_grid(path: str, images, nrow: int = 10, title: str = "") -> str:
   fig.savefig(path)
   plt.close(fig)
   return path
+
+
+def prompt_grid(path: str, images, prompts, ncol: int = 8, max_images: int = 48,
+                title: str = "") -> str:
+  """Images in [-1, 1] [N, H, W, C], each with its prompt written under it."""
+  import textwrap
+  plt = pyplot()
+  x = np.clip((np.asarray(images) + 1) / 2, 0, 1)[:max_images]
+  n = len(x)
+  ncol = max(1, min(ncol, n))
+  rows = int(np.ceil(n / ncol))
+  fig, axes = plt.subplots(rows, ncol, figsize=(1.25 * ncol, 1.6 * rows + 0.3), dpi=110,
+                           squeeze=False)
+  for i, ax in enumerate(axes.flat):
+    ax.axis("off")
+    if i >= n:
+      continue
+    img = x[i]
+    ax.imshow(img.squeeze(-1) if img.shape[-1] == 1 else img,
+              cmap="gray" if img.shape[-1] == 1 else None, interpolation="nearest")
+    ax.set_title("\n".join(textwrap.wrap(str(prompts[i]), 16)), fontsize=5.5, y=-0.02,
+                 va="top")
+  if title:
+    fig.suptitle(title, fontsize=8)
+  fig.tight_layout()
+  fig.savefig(path)
+  plt.close(fig)
+  return path

@@ -100,6 +100,12 @@ class LatentDiffusionObjective:
 
   guidance_kinds = ("cfg",)
   has_likelihood = False
+  guidance_in_sample = True   # sample(..., guidance_scale=w) applies CFG itself
+
+  @property
+  def takes_prompts(self) -> bool:
+    """Whether `sample` is conditioned on text (prompts=...) rather than labels."""
+    return self.conditioning == "text"
 
   def __post_init__(self):
     object.__setattr__(self, "data_shape", tuple(int(s) for s in self.data_shape))
