@@ -154,7 +154,7 @@ def autoencoder_info(config, workdir: str) -> Optional[Dict[str, Any]]:
 def frozen_autoencoder(config, spec: DataSpec, workdir: Optional[str]) -> FrozenAutoencoder:
   """Stage 1 as stage 2 uses it: the saved params and scale factor (workdir None: no params,
   scale 1, enough to check a config; nothing is computed)."""
-  model = autoencoder_objective(config, spec).model
+  model = build_autoencoder(config, out_channels=int(spec.dims[-1]))
   sample_posterior = bool(config.latent.sample_posterior)
   if workdir is None:
     return FrozenAutoencoder(model, None, 1.0, sample_posterior)

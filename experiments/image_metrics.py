@@ -105,6 +105,7 @@ def image_metrics(config, spec: DataSpec, samples: np.ndarray,
 # --- prompt adherence (text-conditional samples of the shapes data) ------------------------------
 
 _ATTRIBUTE_NETS: Dict[tuple, adherence_lib.AttributeNet] = {}
+ATTRIBUTE_NET_SETTINGS = adherence_lib.ATTRIBUTE_NET_SETTINGS  # (tests shorten its training)
 
 
 def _shapes_builder():
@@ -139,7 +140,7 @@ def attribute_net(config) -> Optional[adherence_lib.AttributeNet]:
     _ATTRIBUTE_NETS[key] = adherence_lib.load_or_train_attribute_net(
         os.path.join(data_dir(config), "genjax_metrics"), dataset_key(config),
         pipeline.to_model_space(tr_x), tr_attrs, heads, test_x=pipeline.to_model_space(te_x),
-        test_attrs=te_attrs, log=logging.info)
+        test_attrs=te_attrs, settings=ATTRIBUTE_NET_SETTINGS, log=logging.info)
   return _ATTRIBUTE_NETS[key]
 
 

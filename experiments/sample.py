@@ -171,32 +171,44 @@ def sample_and_evaluate(config, workdir: str, state=None,
                                        for k, v in metrics.items() if not k.startswith("mode_share")})
   if (main_run and config.guidance.kind == "cfg"
       and getattr(objective, "guidance_in_sample", False)):
-    guidance_table(config, workdir, state, objective=objective, spec=spec)
+    # The main run's samples are the table's row at w = sample.guidance_scale (same noise).
+    guidance_table(config, workdir, state, objective=objective, spec=spec,
+                   done={options["guidance_scale"]: (samples, info, metrics)})
   return metrics
 
 
-def guidance_table(config, workdir: str, state, *, objective=None, spec=None):
+def guidance_table(config, workdir: str, state, *, objective=None, spec=None, done=None):
   """CFG at every w of guidance.scales (same noise, same prompts or labels): per scale
   samples/cfg_w<w>_<sampler>_<steps>.npz, its grid, and a metrics row (split "guidance":
-  scale, nfe, fd, adherence); then figures/guidance_cfg.png. Returns the rows."""
+  scale, nfe, fd, adherence); then figures/guidance_cfg.png. Returns the rows.
+
+  `done` maps a scale to (samples, info, metrics) already drawn with the same noise (the
+  main run's), which are reused instead of sampled again."""
+  done = dict(done or {})
   spec = spec or data_lib.build_data_spec(config)
   objective = objective or builders.build_objective(config, spec, workdir)
   params = state.ema_params if config.sample.use_ema else state.params
   request = requests(config, objective)[0]
   labels, prompts = _conditioning(config, spec, objective, None)
   num = len(prompts) if prompts is not None else config.sample.num_samples
-  rng = jax.random.fold_in(jax.random.PRNGKey(config.seed), 13)
+  rng = jax.random.fold_in(jax.random.PRNGKey(config.seed), 3)  # the main run's noise
   writer, step, rows = wd.MetricWriter(workdir), int(state.step), []
   for scale in config.guidance.scales:
     tag = f"cfg_w{float(scale):g}_{request.sampler}_{request.steps}"
-    t0 = time.perf_counter()
-    samples, info = draw_samples(config, objective, params, request, rng, num, labels=labels,
-                                 prompts=prompts, **_guidance_options(config, objective, scale))
-    metrics: Dict[str, float] = {"tag": tag, "kind": "cfg", "scale": float(scale),
-                                 "nfe": info["nfe"], "sample_seconds": time.perf_counter() - t0}
-    _check_finite(samples, tag, state, workdir)
+    metrics: Dict[str, float] = {"tag": tag, "kind": "cfg", "scale": float(scale)}
+    if float(scale) in done:
+      samples, info, main_metrics = done[float(scale)]
+      metrics.update({k: v for k, v in main_metrics.items() if k not in ("tag",)})
+      metrics["reused_from"] = main_metrics["tag"]
+    else:
+      t0 = time.perf_counter()
+      samples, info = draw_samples(config, objective, params, request, rng, num,
+                                   labels=labels, prompts=prompts,
+                                   **_guidance_options(config, objective, scale))
+      metrics.update(nfe=info["nfe"], sample_seconds=time.perf_counter() - t0)
+      _check_finite(samples, tag, state, workdir)
+      metrics.update(_evaluate_samples(config, spec, workdir, samples, labels, prompts))
     wd.save_samples(workdir, tag, samples, labels, prompts)
-    metrics.update(_evaluate_samples(config, spec, workdir, samples, labels, prompts))
     _image_figure(workdir, tag, samples, prompts, f"{tag} ({info['nfe']} NFE), step {step}")
     writer.write(step, "guidance", metrics)
     logging.info("Guided samples %s: %s", tag, {k: (round(v, 4) if isinstance(v, float) else v)

@@ -19,33 +19,33 @@ def latent_diffusion(name: str, *, conditioning: str = "text"):
   c.data.conditional = conditioning == "label"
   c.latent.conditioning = conditioning
   # Stage 1: the autoencoder.
-  c.latent.ch = 32
+  c.latent.ch = 16
   c.latent.ch_mult = (1, 2, 2)          # f = 4
   c.latent.num_res_blocks = 1
   c.latent.z_channels = 4
   c.latent.kl_weight = 1e-6
-  c.latent.steps = 2000
-  c.latent.batch_size = 32
-  c.latent.learning_rate = 1e-3
+  c.latent.steps = 1500
+  c.latent.batch_size = 16
+  c.latent.learning_rate = 2e-3
   # Stage 2: the latent UNet (8x8 latents: levels 8 and 4 px), cross-attention at both.
   c.model.name = "unet"
-  c.model.ch = 64
+  c.model.ch = 32
   c.model.ch_mult = (1, 2)
   c.model.num_res_blocks = 1
   c.model.attn_resolutions = ()         # the transformer blocks self-attend
   c.model.transformer_resolutions = (8, 4) if conditioning == "text" else ()
   c.model.num_heads = 4
   c.diffusion.p_uncond = 0.1
-  c.optim.learning_rate = 1e-3
-  c.optim.warmup_steps = 200
-  c.optim.ema_decay = 0.999
-  c.train.steps = 5000
+  c.optim.learning_rate = 2e-3
+  c.optim.warmup_steps = 100
+  c.optim.ema_decay = 0.998
+  c.train.steps = 2000
   c.train.log_every = 250
   c.train.ckpt_every = 1000
   c.sample.sampler = "dpm_solver++"
   c.sample.steps = 20
   c.sample.num_samples = 1000
-  c.sample.batch_size = 500
+  c.sample.batch_size = 1000
   c.sample.guidance_scale = 3.0
   c.guidance.kind = "cfg"
   c.guidance.scales = (1.0, 3.0, 5.0)
