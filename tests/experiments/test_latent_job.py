@@ -10,6 +10,7 @@ import json
 import os
 import pathlib
 
+import jax
 import numpy as np
 import pytest
 
@@ -36,6 +37,16 @@ PROMPTS = ("large red circle at centre", "small blue triangle at top left")
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory):
   return str(tmp_path_factory.mktemp("tfds"))
+
+
+@pytest.fixture(autouse=True)
+def rbg_keys():
+  """rbg PRNG keys: XLA:CPU compiles threefry's random draws ~10x slower, and the job has
+  many draw sites (noise, times, dropouts, posterior samples); nothing here pins values."""
+  old = jax.config.jax_default_prng_impl
+  jax.config.update("jax_default_prng_impl", "rbg")
+  yield
+  jax.config.update("jax_default_prng_impl", old)
 
 
 @pytest.fixture(autouse=True)
