@@ -20,6 +20,7 @@ def get_config(arg=None):
   c.latent.steps = 50_000
   c.latent.batch_size = 64
   c.latent.learning_rate = 4.5e-4
+  c.latent.ema_decay = 0.999            # 50k steps: long enough for the EMA to help
   c.latent.perceptual_weight = 0.1
   c.latent.scale_images = 10_000
   c.model.ch = 128

@@ -27,6 +27,9 @@ def latent_diffusion(name: str, *, conditioning: str = "text"):
   c.latent.steps = 1500
   c.latent.batch_size = 16
   c.latent.learning_rate = 2e-3
+  # No EMA for a short stage 1: measured at 1,500 steps, the EMA (0.999) params reconstruct
+  # at 26.2 dB PSNR, the trained ones at 36.2 dB (the EMA still averages in early weights).
+  c.latent.ema_decay = 0.0
   # Stage 2: the latent UNet (8x8 latents: levels 8 and 4 px), cross-attention at both.
   c.model.name = "unet"
   c.model.ch = 32
