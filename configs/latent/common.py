@@ -42,14 +42,14 @@ def latent_diffusion(name: str, *, conditioning: str = "text"):
   c.optim.learning_rate = 2e-3
   c.optim.warmup_steps = 100
   c.optim.ema_decay = 0.998
-  c.train.steps = 2000
+  c.train.steps = 4000                  # 2,000 steps: colour/shape adherence 0.79/0.80 at w=5 (README)
   c.train.log_every = 250
   c.train.ckpt_every = 1000
   c.sample.sampler = "dpm_solver++"
   c.sample.steps = 20
   c.sample.num_samples = 1000
   c.sample.batch_size = 1000
-  c.sample.guidance_scale = 3.0
+  c.sample.guidance_scale = 5.0
   c.guidance.kind = "cfg"
   c.guidance.scales = (1.0, 3.0, 5.0)
   return c
