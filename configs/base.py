@@ -24,6 +24,7 @@ def get_config(arg=None):
   d.random_flip = False           # image data: random horizontal flips
   d.num_workers = 0               # image data: grain worker processes making train batches (0: in the trainer)
   d.conditional = False           # feed class labels to the model (needs a labelled dataset)
+  d.captions = False              # image data: tokenized captions in every batch (caption_ids/lengths; text-conditional latent diffusion)
 
   # --- model ----------------------------------------------------------------------------------
   c.model = m = ml_collections.ConfigDict()
@@ -39,9 +40,11 @@ def get_config(arg=None):
   m.attn_resolutions = (8,)       # unet: resolutions (in px) with self-attention
   m.num_heads = 4                 # unet: attention heads
   m.remat = False                 # unet: rematerialise each block in the backward pass (less memory, more compute)
+  m.transformer_resolutions = ()  # unet (latent text conditioning): resolutions (px) with cross-attention transformer blocks
+  m.transformer_depth = 1         # unet: transformer blocks per cross-attention resolution
 
   # --- objective ------------------------------------------------------------------------------
-  c.objective = "diffusion"       # diffusion | flow | flow_matching
+  c.objective = "diffusion"       # diffusion | flow | flow_matching | latent_diffusion
   c.diffusion = df = ml_collections.ConfigDict()
   df.sde = "vp"                   # vp | subvp | ve
   df.beta_min = 0.1               # vp/subvp: beta(t) at t=0
@@ -90,6 +93,9 @@ def get_config(arg=None):
   s.use_ema = True                # sample with the EMA parameters
   s.tag = ""                      # file tag for samples/<tag>.npz ("" = "<sampler>_<steps>")
   s.extra = ()                    # --mode=train: more "sampler:steps" runs after the main one, e.g. ("ddim:50", "dpm_solver++:20")
+  s.prompts = ()                  # text-conditional models: prompts to sample, e.g. ('large red circle at centre',); () = the test split's captions
+  s.per_prompt = 1                # samples per prompt of sample.prompts
+  s.guidance_scale = 1.0          # latent diffusion: CFG weight w of the main sampling run (1 = conditional, no guidance)
 
   # --- evaluation -------------------------------------------------------------------------------
   c.eval = e = ml_collections.ConfigDict()
@@ -129,6 +135,29 @@ def get_config(arg=None):
   f.depth = 2                     # hidden layers of each MLP conditioner (toy flows)
   f.scale_bound = 2.0             # affine couplings: log-scale = scale_bound * tanh(raw / scale_bound)
   f.remat = False                 # rematerialise each coupling in the backward pass (less memory, ~30% slower)
+
+  # --- latent diffusion (objective = latent_diffusion; stage 1 in WORKDIR/autoencoder) ---------
+  c.latent = la = ml_collections.ConfigDict()
+  la.conditioning = "text"        # text (captions through the text encoder; needs data.captions) | label (class labels; needs data.conditional)
+  la.autoencoder_workdir = ""     # a finished stage 1 to reuse (its workdir); "" = train it in WORKDIR/autoencoder
+  la.ch = 32                      # autoencoder: base channels
+  la.ch_mult = (1, 2, 2)          # autoencoder: channel multiplier per level; f = 2**(len - 1) (4: 32x32 -> 8x8)
+  la.num_res_blocks = 1           # autoencoder: ResBlocks per encoder level (decoder: + 1)
+  la.z_channels = 4               # latent channels C
+  la.num_heads = 1                # autoencoder: heads of the mid-block self-attention
+  la.reconstruction = "l1"        # stage-1 reconstruction loss: l1 | l2
+  la.kl_weight = 1e-6             # stage-1 weight of KL(q(z|x) || N(0, I))
+  la.perceptual_weight = 0.0      # stage-1 weight of the perceptual distance in the fd feature network (0 = off)
+  la.steps = 2000                 # stage-1 training steps
+  la.batch_size = 64              # stage-1 batch size
+  la.learning_rate = 1e-3         # stage-1 peak AdamW rate (warmup, cosine decay)
+  la.warmup_steps = 100           # stage-1 warmup steps
+  la.ema_decay = 0.999            # stage-1 EMA of the autoencoder's params (the EMA params are frozen for stage 2)
+  la.scale_images = 5000          # train images whose latents give the scale factor 1 / std
+  la.sample_posterior = True      # stage 2 trains on posterior samples (SD) rather than means
+  la.text_width = 64              # text encoder: token feature width (the UNet's context_dim)
+  la.text_depth = 2               # text encoder: transformer blocks
+  la.text_heads = 2               # text encoder: attention heads
 
   # --- sweep (mode = sweep) ---------------------------------------------------------------------
   c.sweep = sw = ml_collections.ConfigDict()

@@ -2,6 +2,11 @@
 
   spec = build_data_spec(config)                 # dims, num_classes, toy distribution or image
   for batch in train_batches(config, spec, start_step): ...   # batch i depends on (seed, i) only
+  load_captions(config, "test")                  # the split's captions (data.captions=True)
+
+With data.captions=True (text-conditional latent diffusion) the spec carries the tokenizer of
+the train split's captions, and every image batch also holds "caption_ids" [B, L] and
+"caption_lengths" [B] (research.models.text.Tokenizer.encode of each image's caption).
 
 Toy data comes from research.data.toy; image data from research.data.pipeline (TFDS sources
 -> numpy batches). Image splits are read into memory once per process and cached here (the
@@ -23,6 +28,7 @@ from experiments import mesh as mesh_lib
 from experiments.options import ConfigError
 from research.data import pipeline
 from research.data import toy
+from research.models.text import Tokenizer
 
 
 @dataclasses.dataclass(frozen=True)
@@ -32,6 +38,8 @@ class DataSpec:
   num_classes: int               # 0 when unlabelled
   toy: Optional[Any] = None      # the research.data.toy distribution, for toy data
   kind: str = "toy"              # "toy" | "image"
+  tokenizer: Optional[Tokenizer] = None  # data.captions: the train captions' vocabulary
+  caption_length: int = 0        # data.captions: words in the longest train caption
 
 
 def is_toy(config) -> bool:
@@ -55,8 +63,11 @@ def build_data_spec(config) -> DataSpec:
   return image_data_spec(config)
 
 
-def train_batches(config, spec: DataSpec, start_step: int, mesh=None) -> Iterator[dict]:
+def train_batches(config, spec: DataSpec, start_step: int, mesh=None,
+                  batch_size: Optional[int] = None) -> Iterator[dict]:
   """Global batches for steps start_step, start_step+1, ...; batch i depends only on (seed, i).
+
+  `batch_size` defaults to data.batch_size (stage 1 of a latent job trains with its own).
 
   That makes a resumed run see exactly the batches an uninterrupted run would have seen, on
   any number of devices. With a `mesh` every batch is one global jax.Array split over its
@@ -69,10 +80,11 @@ def train_batches(config, spec: DataSpec, start_step: int, mesh=None) -> Iterato
   if spec.kind == "image":
     images, labels, _ = load_split(config, "train")
     local = pipeline.train_batches(
-        images, labels, batch_size=config.data.batch_size, seed=config.seed,
+        images, labels, batch_size=batch_size or config.data.batch_size, seed=config.seed,
         start_step=start_step, random_flip=config.data.random_flip,
         process_index=jax.process_index(), process_count=jax.process_count(),
-        num_workers=int(config.data.get("num_workers", 0)))
+        num_workers=int(config.data.get("num_workers", 0)),
+        extra=_caption_arrays(config, spec, "train"))
     for batch in local:
       if sharding is None:
         yield batch
@@ -80,7 +92,7 @@ def train_batches(config, spec: DataSpec, start_step: int, mesh=None) -> Iterato
         yield {k: jax.make_array_from_process_local_data(sharding, v) for k, v in batch.items()}
     return
   data_rng = jax.random.fold_in(jax.random.PRNGKey(config.seed), 1)
-  n = config.data.batch_size
+  n = batch_size or config.data.batch_size
 
   @functools.partial(jax.jit, out_shardings=sharding)
   def make(step):
@@ -146,17 +158,53 @@ def image_data_spec(config) -> DataSpec:
     raise ConfigError(f"config.data.conditional=True is not allowed: dataset "
                       f"{config.data.name!r} has no class labels.")
   h, w, c = info.image_shape
+  tokenizer, caption_length = None, 0
+  if config.data.captions:
+    captions = load_captions(config, "train")
+    tokenizer = Tokenizer.from_captions(captions)
+    caption_length = max(1, tokenizer.max_length(captions))
   if config.model.name == "unet":
     f = 2 ** (len(config.model.ch_mult) - 1)
     if h % f or w % f:
       raise ConfigError(f"config.model.ch_mult={tuple(config.model.ch_mult)} is not allowed for "
                         f"{h}x{w} images: the size must be divisible by 2**(len(ch_mult)-1)={f}.")
-  return DataSpec(dims=(h, w, c), num_classes=info.num_classes, kind="image")
+  return DataSpec(dims=(h, w, c), num_classes=info.num_classes, kind="image",
+                  tokenizer=tokenizer, caption_length=caption_length)
+
+
+_CAPTIONS: Dict[Tuple, np.ndarray] = {}
+_ENCODED: Dict[Tuple, Dict[str, np.ndarray]] = {}
+
+
+def load_captions(config, split: str) -> np.ndarray:
+  """The captions (str [N], record order) of `split`; ConfigError if the dataset has none."""
+  _, _, info = load_split(config, split)
+  key = (config.data.name, split, data_dir(config))
+  if key not in _CAPTIONS:
+    if "caption" not in info.features:
+      raise ConfigError(f"config.data.captions=True is not allowed: dataset "
+                        f"{config.data.name!r} has no captions (features: "
+                        f"{', '.join(info.features)}).")
+    source = pipeline.open_source(config.data.name, split, data_dir(config),
+                                  image_size=int(config.data.image_size))
+    _CAPTIONS[key] = pipeline.load_column(source, "caption")
+  return _CAPTIONS[key]
+
+
+def _caption_arrays(config, spec: DataSpec, split: str) -> Optional[Dict[str, np.ndarray]]:
+  """{"caption_ids" [N, L], "caption_lengths" [N]} of a split, or None without captions."""
+  if spec.tokenizer is None:
+    return None
+  key = (config.data.name, split, data_dir(config), spec.tokenizer.words, spec.caption_length)
+  if key not in _ENCODED:
+    ids, lengths = spec.tokenizer.encode(list(load_captions(config, split)), spec.caption_length)
+    _ENCODED[key] = {"caption_ids": ids, "caption_lengths": lengths}
+  return _ENCODED[key]
 
 
 def eval_batches(config, spec: DataSpec, batch_size: Optional[int] = None,
                  split: str = "test") -> Iterator[dict]:
   """One pass over `split` (default test) in record order, this process's share."""
-  del spec
   images, labels, _ = load_split(config, split)
-  return pipeline.eval_batches(images, labels, batch_size=batch_size or config.data.batch_size)
+  return pipeline.eval_batches(images, labels, batch_size=batch_size or config.data.batch_size,
+                               extra=_caption_arrays(config, spec, split))

@@ -183,7 +183,7 @@ def evaluate(config, workdir: str) -> Dict[str, Any]:
   """
   settings = likelihood_settings(config)  # fails before anything is built or compiled
   spec = data_lib.build_data_spec(config)
-  objective = builders.build_objective(config, spec)
+  objective = builders.build_objective(config, spec, workdir)
   state = restore_trained(config, workdir, objective, spec)
   metrics = dict(sample_lib.sample_and_evaluate(config, workdir, state))
   if not settings["enabled"]:

@@ -33,6 +33,7 @@ from experiments import data as data_lib
 from experiments import image_metrics
 from experiments import mesh as mesh_lib
 from experiments import plotting
+from experiments import sample as sample_lib
 from experiments import state as state_lib
 from experiments import workdir as wd
 from experiments.options import parse_options
@@ -215,10 +216,19 @@ def _summary_figure(path: str, kind: str, rows, fd_key: str = "") -> None:
 def guided_sample_and_evaluate(config, workdir: str, state=None) -> Dict[str, Dict[str, float]]:
   """Samples every class at every scale in config.guidance.scales; returns {tag: metrics}."""
   spec = data_lib.build_data_spec(config)
+  objective = builders.build_objective(config, spec, workdir)
+  if getattr(objective, "guidance_in_sample", False):
+    # It guides inside `sample` (latent diffusion, on prompts or labels): the main run at
+    # sample.guidance_scale, then the CFG table over guidance.scales, then sample.extra.
+    if state is None:
+      state = state_lib.restore_trained(config, workdir, objective, spec)
+    main = sample_lib.sample_and_evaluate(config, workdir, state)
+    for req in sample_lib.requests(config, objective)[1:]:
+      sample_lib.sample_and_evaluate(config, workdir, state, req)
+    return main
   if spec.num_classes < 2:
     raise ValueError(f"guidance needs labelled data with >= 2 classes; data.name="
                      f"{config.data.name!r} has {spec.num_classes}.")
-  objective = builders.build_objective(config, spec)
   if state is None:
     state = state_lib.restore_trained(config, workdir, objective, spec)
   params = state.ema_params if config.sample.use_ema else state.params

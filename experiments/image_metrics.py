@@ -1,6 +1,7 @@
 """Sample quality of image data: fd_<dataset> in a cached feature classifier, standard FID.
 
   image_metrics(config, spec, samples, labels=None) -> {"fd_<dataset>": ..., ...}
+  adherence_metrics(config, samples, prompts) -> {"adherence_<attribute>": ..., ...}
 
 research.metrics.fd is the library side (feature network, Frechet distance); this module
 feeds it the run's splits (experiments.data) and caches the reference statistics per process.
@@ -13,9 +14,10 @@ from typing import Dict, Optional
 import numpy as np
 from absl import logging
 
-from experiments.data import DataSpec, data_dir, dataset_key, load_split
+from experiments.data import DataSpec, data_dir, dataset_key, load_captions, load_split
 from experiments.options import ConfigError
 from research.data import pipeline
+from research.metrics import adherence as adherence_lib
 from research.metrics import fd as fd_lib
 
 _FEATURES: Dict[tuple, Dict] = {}
@@ -97,4 +99,60 @@ def image_metrics(config, spec: DataSpec, samples: np.ndarray,
   if labels is not None:
     out["classifier_accuracy"] = float(np.mean(np.argmax(logits, -1) == np.asarray(labels)))
   out.update(fid_out)
+  return out
+
+
+# --- prompt adherence (text-conditional samples of the shapes data) ------------------------------
+
+_ATTRIBUTE_NETS: Dict[tuple, adherence_lib.AttributeNet] = {}
+ATTRIBUTE_NET_SETTINGS = adherence_lib.ATTRIBUTE_NET_SETTINGS  # (tests shorten its training)
+
+
+def _shapes_builder():
+  # Imported on use: the builder module loads tensorflow_datasets, which toy runs never need.
+  from research.data.builders import shapes
+  return shapes
+
+
+def _parse(captions):
+  """{attribute: class ids} of shapes-style captions, or None for captions of another form."""
+  shapes_builder = _shapes_builder()
+  try:
+    return shapes_builder.parse_captions(captions)
+  except ValueError:
+    return None
+
+
+def attribute_net(config) -> Optional[adherence_lib.AttributeNet]:
+  """The dataset's attribute classifier (trained once on the train split's images and the
+  attributes its captions name, cached like the fd network), or None when the captions are
+  not of the shapes form '<size> <colour> <shape> at <position>'."""
+  key = (config.data.name, data_dir(config), config.data.image_size)
+  if key not in _ATTRIBUTE_NETS:
+    tr_caps = load_captions(config, "train")
+    tr_attrs = _parse(tr_caps)
+    if tr_attrs is None:
+      return None
+    tr_x, _, _ = load_split(config, "train")
+    te_x, _, _ = load_split(config, "test")
+    te_attrs = _parse(load_captions(config, "test"))
+    heads = {name: len(classes) for name, classes in _shapes_builder().ATTRIBUTES.items()}
+    _ATTRIBUTE_NETS[key] = adherence_lib.load_or_train_attribute_net(
+        os.path.join(data_dir(config), "genjax_metrics"), dataset_key(config),
+        pipeline.to_model_space(tr_x), tr_attrs, heads, test_x=pipeline.to_model_space(te_x),
+        test_attrs=te_attrs, settings=ATTRIBUTE_NET_SETTINGS, log=logging.info)
+  return _ATTRIBUTE_NETS[key]
+
+
+def adherence_metrics(config, samples: np.ndarray, prompts) -> Dict[str, float]:
+  """Share of samples showing each attribute their prompt names ("adherence_shape", ...,
+  "adherence_all"), next to the attribute classifier's accuracy on real test images
+  ("attribute_net_test_accuracy_<attribute>"). {} when the prompts are not shapes captions."""
+  requested = _parse(prompts)
+  net = attribute_net(config) if requested is not None else None
+  if net is None:
+    return {}
+  out = {f"adherence_{k}": v for k, v in net.adherence(samples, requested).items()}
+  for k, v in dict(net.info.get("test_accuracy", {})).items():
+    out[f"attribute_net_test_accuracy_{k}"] = float(v)
   return out

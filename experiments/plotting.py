@@ -61,3 +61,31 @@ def image_grid(path: str, images, nrow: int = 10, title: str = "") -> str:
   fig.savefig(path)
   plt.close(fig)
   return path
+
+
+def prompt_grid(path: str, images, prompts, ncol: int = 8, max_images: int = 48,
+                title: str = "") -> str:
+  """Images in [-1, 1] [N, H, W, C], each with its prompt written under it."""
+  import textwrap
+  plt = pyplot()
+  x = np.clip((np.asarray(images) + 1) / 2, 0, 1)[:max_images]
+  n = len(x)
+  ncol = max(1, min(ncol, n))
+  rows = int(np.ceil(n / ncol))
+  fig, axes = plt.subplots(rows, ncol, figsize=(1.3 * ncol, 1.85 * rows + 0.3), dpi=110,
+                           squeeze=False, gridspec_kw={"hspace": 0.45, "wspace": 0.1})
+  for i, ax in enumerate(axes.flat):
+    ax.axis("off")
+    if i >= n:
+      continue
+    img = x[i]
+    ax.imshow(img.squeeze(-1) if img.shape[-1] == 1 else img,
+              cmap="gray" if img.shape[-1] == 1 else None, interpolation="nearest")
+    ax.text(0.5, -0.04, "\n".join(textwrap.wrap(str(prompts[i]), 18)), fontsize=5.5,
+            ha="center", va="top", transform=ax.transAxes)
+  if title:
+    fig.suptitle(title, fontsize=8)
+  fig.subplots_adjust(left=0.02, right=0.98, top=0.95, bottom=0.06)
+  fig.savefig(path)
+  plt.close(fig)
+  return path

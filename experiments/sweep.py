@@ -20,7 +20,7 @@ from experiments.state import restore_trained
 def sweep(config, workdir: str) -> List[Dict]:
   """Samples every cell (validate has checked the names and steps) on one restored state."""
   spec = data_lib.build_data_spec(config)
-  state = restore_trained(config, workdir, builders.build_objective(config, spec), spec)
+  state = restore_trained(config, workdir, builders.build_objective(config, spec, workdir), spec)
   rows = []
   for name in config.sweep.samplers:
     for steps in config.sweep.steps:

@@ -1,4 +1,9 @@
-"""--mode=train: init or resume the objective's state and train it with state.fit."""
+"""--mode=train: init or resume the objective's state and train it with state.fit.
+
+A latent diffusion job (builders.has_autoencoder_stage) first runs stage 1 (experiments/
+latent.py: the autoencoder, skipped when finished) and saves the caption vocabulary; stage 2
+then trains in the workdir on the frozen encoder's scaled latents.
+"""
 from __future__ import annotations
 
 import jax
@@ -7,6 +12,7 @@ from absl import logging
 
 from experiments import builders
 from experiments import data as data_lib
+from experiments import latent as latent_lib
 from experiments import mesh as mesh_lib
 from experiments import state as state_lib
 from experiments import workdir as wd
@@ -17,7 +23,10 @@ from research.train_state import TrainState
 def train(config, workdir: str) -> TrainState:
   """Trains `config` in `workdir` (resuming if checkpoints exist) and returns the final state."""
   spec = data_lib.build_data_spec(config)
-  objective = builders.build_objective(config, spec)
+  if builders.has_autoencoder_stage(config):
+    latent_lib.train_autoencoder(config, workdir)
+    latent_lib.save_tokenizer(workdir, spec)
+  objective = builders.build_objective(config, spec, workdir)
   mesh = mesh_lib.build_mesh(config)
   mesh_lib.check_batch(config, mesh)
   state, ckpt = restore_or_create(config, workdir, objective, spec, quarantine=True, mesh=mesh)

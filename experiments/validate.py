@@ -17,10 +17,11 @@ from experiments import builders
 from experiments import data as data_lib
 from experiments import mesh as mesh_lib
 from experiments.options import (MODES, ConfigError, boolean, check_sample_requests, choice,
-                                 fail, parse_extra, parse_options, positive_float,
+                                 fail, field, parse_extra, parse_options, positive_float,
                                  positive_int, unit_interval)
 from kernels.attention import available_implementations
 from research.data import toy
+from research.diffusion import latent as latent_diffusion
 from research.diffusion import likelihood as likelihood_lib
 from research.diffusion import losses as losses_lib
 from research.diffusion import samplers
@@ -28,6 +29,7 @@ from research.diffusion import sde as sde_lib
 from research.diffusion.schedules import SCHEDULES
 from research.flows.models import KINDS as FLOW_KINDS
 from research.diffusion.parameterization import NETWORK_PREDICTIONS
+from research.models import autoencoder as autoencoder_lib
 from research.models import registry as model_registry
 from research.models.layers import TIME_EMBEDDINGS
 from research.objective import GUIDANCE_KINDS
@@ -52,6 +54,7 @@ def _data(config):
     fail("data.dim", config.data.dim, f"an integer >= 2 for {name!r} (its means lie in the "
          "first two coordinates)")
   boolean(config, "data.conditional")
+  boolean(config, "data.captions")
   boolean(config, "data.random_flip")
   positive_int(config, "data.num_workers", zero_ok=True)
   positive_int(config, "data.image_size", zero_ok=True)
@@ -75,10 +78,13 @@ def _model(config):
   if (not isinstance(mult, (tuple, list)) or not mult
       or any(isinstance(m, bool) or not isinstance(m, int) or m < 1 for m in mult)):
     fail("model.ch_mult", mult, "a non-empty tuple of integers >= 1")
+  for name in ("model.attn_resolutions", "model.transformer_resolutions"):
+    res = field(config, name)
+    if (not isinstance(res, (tuple, list))
+        or any(isinstance(r, bool) or not isinstance(r, int) or r < 1 for r in res)):
+      fail(name, res, "a tuple of resolutions in pixels (integers >= 1)")
+  positive_int(config, "model.transformer_depth")
   res = config.model.attn_resolutions
-  if (not isinstance(res, (tuple, list))
-      or any(isinstance(r, bool) or not isinstance(r, int) or r < 1 for r in res)):
-    fail("model.attn_resolutions", res, "a tuple of resolutions in pixels (integers >= 1)")
   if res:
     bad = [config.model.ch * m for m in mult if (config.model.ch * m) % config.model.num_heads]
     if bad:
@@ -109,9 +115,10 @@ def _diffusion(config):
     fail("diffusion.prediction", df.prediction,
          "'eps' (the default) with diffusion.loss='edm', which trains its own preconditioned "
          "parameterisation")
-  if df.p_uncond > 0 and not config.data.conditional:
+  if df.p_uncond > 0 and not (config.data.conditional or config.data.captions):
     fail("diffusion.p_uncond", df.p_uncond,
-         "0 unless data.conditional=True (label dropout needs labels)")
+         "0 unless data.conditional=True or data.captions=True (label / caption dropout "
+         "needs labels or captions)")
 
 
 def _flow(config):
@@ -160,13 +167,53 @@ def _sampling_and_eval(config):
          '"" (off) or an existing .npz made by experiments/convert_inception_weights.py')
 
 
+def _ints(config, name: str, lo: int = 1):
+  v = field(config, name)
+  if (not isinstance(v, (tuple, list)) or not v
+      or any(isinstance(m, bool) or not isinstance(m, int) or m < lo for m in v)):
+    fail(name, v, f"a non-empty tuple of integers >= {lo}")
+
+
+def _latent(config):
+  """latent.* (stage 1 and the text encoder of objective='latent_diffusion') and the
+  text-conditional sampling fields."""
+  choice(config, "latent.conditioning", latent_diffusion.CONDITIONINGS)
+  choice(config, "latent.reconstruction", autoencoder_lib.RECONSTRUCTIONS)
+  w = config.latent.autoencoder_workdir
+  if not isinstance(w, str) or (w and not os.path.isdir(os.path.expanduser(w))):
+    fail("latent.autoencoder_workdir", w, "'' (train stage 1 in WORKDIR/autoencoder) or the "
+         "existing autoencoder directory of a finished latent job")
+  for name in ("latent.ch", "latent.num_res_blocks", "latent.z_channels", "latent.num_heads",
+               "latent.steps", "latent.batch_size", "latent.scale_images", "latent.text_width",
+               "latent.text_depth", "latent.text_heads"):
+    positive_int(config, name)
+  positive_int(config, "latent.warmup_steps", zero_ok=True)
+  _ints(config, "latent.ch_mult")
+  positive_float(config, "latent.kl_weight", zero_ok=True)
+  positive_float(config, "latent.perceptual_weight", zero_ok=True)
+  positive_float(config, "latent.learning_rate")
+  unit_interval(config, "latent.ema_decay", high_open=True)
+  boolean(config, "latent.sample_posterior")
+  la = config.latent
+  if la.text_width % la.text_heads:
+    fail("latent.text_heads", la.text_heads, f"a divisor of latent.text_width={la.text_width}")
+  p = config.sample.prompts
+  if (not isinstance(p, (tuple, list)) or any(not isinstance(x, str) or not x.strip()
+                                              for x in p)):
+    fail("sample.prompts", p, "a tuple of non-empty strings, e.g. \"('large red circle at "
+         "centre',)\" (one item needs the comma); () = the test split's captions")
+  positive_int(config, "sample.per_prompt")
+  positive_float(config, "sample.guidance_scale", zero_ok=True)
+
+
 def _guidance(config):
   """guidance.* (experiments/guided.py; research/diffusion/guidance.py)."""
   g = config.guidance
   choice(config, "guidance.kind", GUIDANCE)
-  if g.kind == "cfg" and not config.data.conditional:
+  if g.kind == "cfg" and not (config.data.conditional or config.data.captions):
     fail("guidance.kind", g.kind,
-         "'none' or 'classifier' unless data.conditional=True (CFG needs a conditional model)")
+         "'none' or 'classifier' unless data.conditional=True or data.captions=True (CFG "
+         "needs a conditional model)")
   if g.kind == "cfg" and config.diffusion.p_uncond <= 0:
     fail("diffusion.p_uncond", config.diffusion.p_uncond,
          "> 0 with guidance.kind='cfg' (the unconditional model is trained by label dropout)")
@@ -210,6 +257,15 @@ def _objective(config, mode: str):
   objective = builders.build_objective(config, spec)
   name = builders.objective_name(config)
   check_sample_requests(config, objective)
+  if config.sample.prompts:
+    if not getattr(objective, "takes_prompts", False):
+      fail("sample.prompts", tuple(config.sample.prompts),
+           f"() for objective={name!r}, whose samples are not conditioned on text")
+    prompts = list(config.sample.prompts)
+    try:
+      objective.encode_prompts(prompts, len(prompts))
+    except ValueError as e:
+      fail("sample.prompts", tuple(prompts), f"prompts in the captions' vocabulary ({e})")
   kind = config.guidance.kind
   if kind != "none" and kind not in objective.guidance_kinds:
     fail("guidance.kind", kind,
@@ -277,6 +333,7 @@ def validate(config, mode: str = "train") -> None:
   _flow(config)
   _optim_and_loop(config)
   _sampling_and_eval(config)
+  _latent(config)
   _guidance(config)
   _devices(config)
   if mode == "evaluate":

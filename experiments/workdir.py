@@ -174,7 +174,37 @@ def write_config(workdir: str, config) -> None:
   atomic_write_bytes(os.path.join(workdir, "config.json"), config.to_json(indent=2).encode())
 
 
-def save_samples(workdir: str, tag: str, samples, labels=None) -> str:
+def write_json(path: str, data: Dict[str, Any]) -> None:
+  """`data` as indented JSON, written atomically."""
+  atomic_write_bytes(path, json.dumps(data, indent=2, sort_keys=True,
+                                      default=_jsonable).encode())
+
+
+def read_json(path: str) -> Optional[Dict[str, Any]]:
+  """The JSON object at `path`, or None when there is no such file."""
+  if not os.path.exists(path):
+    return None
+  with open(path) as f:
+    return json.load(f)
+
+
+def save_tree(path: str, tree) -> None:
+  """A pytree of arrays as flax msgpack, written atomically."""
+  from flax import serialization
+  atomic_write_bytes(path, serialization.to_bytes(jax.device_get(tree)))
+
+
+def load_tree(path: str, template):
+  """The pytree saved by save_tree, in the structure of `template` (arrays or ShapeDtypeStructs)."""
+  from flax import serialization
+  template = jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), template)
+  with open(path, "rb") as f:
+    return serialization.from_bytes(template, f.read())
+
+
+def save_samples(workdir: str, tag: str, samples, labels=None, prompts=None) -> str:
+  """samples/<tag>.npz: "samples" float32, "labels" when given, "prompts" (str, one per
+  sample, loadable without pickle) for text-conditional samples."""
   import io
   path = os.path.join(workdir, "samples", f"{tag}.npz")
   if not is_writer():
@@ -183,6 +213,8 @@ def save_samples(workdir: str, tag: str, samples, labels=None) -> str:
   arrays = {"samples": np.asarray(samples, np.float32)}
   if labels is not None:
     arrays["labels"] = np.asarray(labels)
+  if prompts is not None:
+    arrays["prompts"] = np.asarray([str(p) for p in prompts], dtype=str)
   np.savez(buf, **arrays)
   atomic_write_bytes(path, buf.getvalue())
   return path

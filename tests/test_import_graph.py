@@ -29,8 +29,8 @@ EXPERIMENT_FLOORS = [
     {"mesh", "workdir"},
     {"data"},
     {"builders", "state", "image_metrics"},
-    {"validate", "train", "sample"},
-    {"evaluate", "sweep", "guided"},
+    {"validate", "latent", "sample"},
+    {"train", "evaluate", "sweep", "guided"},
     {"main"},
 ]
 

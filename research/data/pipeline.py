@@ -58,6 +58,7 @@ class SourceInfo:
   image_key: str = "image"
   label_key: Optional[str] = "label"
   resize_to: int = 0        # > 0: images are resized to this size when read
+  features: Tuple[str, ...] = ()   # every feature of a record (e.g. "caption" for shapes)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -169,7 +170,7 @@ def _source_info(name, split, builder, resize_to: int, n: int) -> SourceInfo:
     label_key, num_classes = "label", int(feats["label"].num_classes)
   return SourceInfo(name=name, split=split, image_shape=tuple(int(s) for s in shape),
                     num_classes=num_classes, num_examples=n, image_key=image_key,
-                    label_key=label_key, resize_to=resize_to)
+                    label_key=label_key, resize_to=resize_to, features=tuple(keys))
 
 
 def read(source: Source, indices: Sequence[int]) -> Tuple[np.ndarray, Optional[np.ndarray]]:
@@ -185,6 +186,27 @@ def read(source: Source, indices: Sequence[int]) -> Tuple[np.ndarray, Optional[n
   if info.label_key is not None:
     labels = np.asarray([int(e[info.label_key]) for e in exs], np.int32)
   return images, labels
+
+
+def load_column(source: Source, key: str) -> np.ndarray:
+  """One feature of every record of a split, in record order: int64 [N] for class labels and
+  scalars, an array of str [N] for text features (e.g. the shapes builder's "caption")."""
+  if key not in source.info.features:
+    raise ValueError(f"Dataset {source.info.name!r} has no feature {key!r} (features: "
+                     f"{list(source.info.features)}).")
+  n = len(source)
+  values = []
+  for s in range(0, n, _READ_CHUNK):
+    for e in source.data.__getitems__(list(range(s, min(n, s + _READ_CHUNK)))):
+      v = e[key]
+      if isinstance(v, bytes):
+        v = v.decode("utf-8")
+      elif isinstance(v, np.ndarray) and v.dtype.kind in "SO":
+        v = v.item().decode("utf-8") if isinstance(v.item(), bytes) else str(v.item())
+      values.append(v)
+  if values and isinstance(values[0], str):
+    return np.asarray(values, dtype=str)
+  return np.asarray(values, np.int64)
 
 
 def load_arrays(source: Source) -> Tuple[np.ndarray, Optional[np.ndarray]]:
@@ -259,7 +281,8 @@ def _process(process_index, process_count):
 def train_batches(images: np.ndarray, labels: Optional[np.ndarray], *, batch_size: int,
                   seed: int, start_step: int = 0, random_flip: bool = False,
                   process_index: Optional[int] = None, process_count: Optional[int] = None,
-                  num_devices: int = 0, num_workers: int = 0) -> Iterator[Dict[str, np.ndarray]]:
+                  num_devices: int = 0, num_workers: int = 0,
+                  extra: Optional[Dict[str, np.ndarray]] = None) -> Iterator[Dict[str, np.ndarray]]:
   """Endless batches for steps start_step, start_step + 1, ... of this process, via grain.
 
   A grain MapDataset indexed by the step: batch i is a pure function of (seed, i) (the
@@ -280,16 +303,18 @@ def train_batches(images: np.ndarray, labels: Optional[np.ndarray], *, batch_siz
     process_index, process_count: this process and their number (default: jax's).
     num_devices: > 0 reshapes to [num_devices, B_local / num_devices, ...].
     num_workers: grain worker processes (0: batches are made in this process).
+    extra: more per-example arrays [N, ...] (e.g. tokenized captions "caption_ids",
+      "caption_lengths"), batched under their own keys with the same rows as the images.
   Yields:
-    {"x": float32 [B_local, H, W, C] in [-1, 1], "label": int32 [B_local]} ("label" only when
-    labels are given).
+    {"x": float32 [B_local, H, W, C] in [-1, 1], "label": int32 [B_local], **extra} ("label"
+    only when labels are given).
   """
   import grain  # pylint: disable=import-outside-toplevel
   if isinstance(num_workers, bool) or not isinstance(num_workers, int) or num_workers < 0:
     raise ValueError(f"num_workers={num_workers!r} is not allowed: an integer >= 0.")
   p, pc = _process(process_index, process_count)
   make = _BatchAt(images, labels, batch_size, seed, random_flip, process_slice(batch_size, p, pc),
-                  num_devices)
+                  num_devices, extra)
   ds = grain.MapDataset.range(int(start_step), _ENDLESS).map(make).to_iter_dataset()
   if num_workers:
     from absl import flags  # pylint: disable=import-outside-toplevel
@@ -305,9 +330,10 @@ _ENDLESS = 2**62  # the step index range of the endless train stream
 class _BatchAt:
   """step -> this process's batch of that step (a picklable callable for grain's workers)."""
 
-  def __init__(self, images, labels, batch_size, seed, random_flip, rows, num_devices):
+  def __init__(self, images, labels, batch_size, seed, random_flip, rows, num_devices, extra):
     self.images, self.labels, self.batch_size, self.seed = images, labels, batch_size, seed
     self.random_flip, self.rows, self.num_devices = random_flip, rows, num_devices
+    self.extra = extra
 
   def __call__(self, step) -> Dict[str, np.ndarray]:
     step = int(step)
@@ -319,11 +345,14 @@ class _BatchAt:
     batch = {"x": x}
     if self.labels is not None:
       batch["label"] = np.asarray(self.labels[idx], np.int32)
+    for k, v in (self.extra or {}).items():
+      batch[k] = np.asarray(v[idx])
     return per_device(batch, self.num_devices) if self.num_devices else batch
 
 
 def eval_batches(images: np.ndarray, labels: Optional[np.ndarray], *, batch_size: int,
-                 process_index: Optional[int] = None, process_count: Optional[int] = None
+                 process_index: Optional[int] = None, process_count: Optional[int] = None,
+                 extra: Optional[Dict[str, np.ndarray]] = None
                  ) -> Iterator[Dict[str, np.ndarray]]:
   """One pass over a split in record order, this process's contiguous share, last batch short.
 
@@ -337,4 +366,6 @@ def eval_batches(images: np.ndarray, labels: Optional[np.ndarray], *, batch_size
     batch = {"x": to_model_space(np.asarray(images[idx]))}
     if labels is not None:
       batch["label"] = np.asarray(labels[idx], np.int32)
+    for k, v in (extra or {}).items():
+      batch[k] = np.asarray(v[idx])
     yield batch

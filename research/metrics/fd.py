@@ -77,8 +77,9 @@ class FeatureNetSettings:
   learning_rate: float = 2e-3
   seed: int = 0
 
-  def key(self) -> str:
-    text = json.dumps(dataclasses.asdict(self), sort_keys=True) + f"v{CACHE_VERSION}"
+  def key(self, extra: str = "") -> str:
+    """A short hash of the settings (and of `extra`, anything else that shapes the network)."""
+    text = json.dumps(dataclasses.asdict(self), sort_keys=True) + f"v{CACHE_VERSION}" + extra
     return hashlib.sha1(text.encode()).hexdigest()[:10]
 
 
@@ -125,34 +126,55 @@ def load_or_train_feature_net(cache_dir: str, name: str, train_x: np.ndarray,
   Returns:
     A FeatureNet; info["test_accuracy"] when test data was given at training time.
   """
-  from flax import serialization
   model = Classifier(num_classes=num_classes, ch=settings.ch, ch_mult=tuple(settings.ch_mult),
                      num_res_blocks=settings.num_res_blocks, feature_dim=settings.feature_dim)
   path = feature_net_path(cache_dir, name, train_x.shape[1:], settings)
+
+  def train():
+    if log:
+      log(f"Training the {name} feature network once ({settings.steps} steps); cached at {path}")
+    params, loss = fit(model, train_x, train_labels, rng=jax.random.PRNGKey(settings.seed),
+                       steps=settings.steps, batch_size=settings.batch_size,
+                       learning_rate=settings.learning_rate)
+    net = FeatureNet(model, jax.device_get(params), {})
+    info = {"name": name, "settings": dataclasses.asdict(settings), "train_loss": loss,
+            "train_accuracy": net.accuracy(train_x, train_labels)}
+    if test_x is not None and test_labels is not None:
+      info["test_accuracy"] = net.accuracy(test_x, test_labels)
+    return net.params, info
+
+  params, info = load_or_train_params(path, model, train_x[:1], train)
+  return FeatureNet(model, params, info)
+
+
+def load_or_train_params(path: str, model, example_x: np.ndarray, train) -> Tuple[dict, Dict]:
+  """(params, info) of a network trained once: read from `path` (.msgpack) and its .json
+  sidecar when both exist, else `train() -> (params, info)` runs and both files are written
+  atomically (a crash never leaves a half-written cache that a later run would load).
+
+  Args:
+    path: the .msgpack file; its key (settings hash) must change whenever training would.
+    model: the Linen module (its init on example_x gives the parameter template).
+    example_x: one example batch for the template (shapes only; nothing is computed).
+    train: zero-argument callable training the network, returning (params, JSON-able info).
+  """
+  from flax import serialization
   meta_path = path[:-len(".msgpack")] + ".json"
-  template = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), train_x[:1])["params"])
+  template = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), example_x)["params"])
   template = jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), template)
   if os.path.exists(path) and os.path.exists(meta_path):
     with open(path, "rb") as f:
       params = serialization.from_bytes(template, f.read())
     with open(meta_path) as f:
       info = json.load(f)
-    return FeatureNet(model, params, info)
-  if log:
-    log(f"Training the {name} feature network once ({settings.steps} steps); cached at {path}")
-  params, loss = fit(model, train_x, train_labels, rng=jax.random.PRNGKey(settings.seed),
-                     steps=settings.steps, batch_size=settings.batch_size,
-                     learning_rate=settings.learning_rate)
+    return params, info
+  params, info = train()
   params = jax.device_get(params)
-  net = FeatureNet(model, params, {})
-  info = {"name": name, "settings": dataclasses.asdict(settings), "train_loss": loss,
-          "train_accuracy": net.accuracy(train_x, train_labels)}
-  if test_x is not None and test_labels is not None:
-    info["test_accuracy"] = net.accuracy(test_x, test_labels)
-  os.makedirs(cache_dir, exist_ok=True)
+  text = json.dumps(info, indent=2)
+  os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
   _atomic_write(path, serialization.to_bytes(params))
-  _atomic_write(meta_path, json.dumps(info, indent=2).encode())
-  return FeatureNet(model, params, info)
+  _atomic_write(meta_path, text.encode())
+  return params, json.loads(text)  # as a later load returns it (tuples become lists)
 
 
 def _atomic_write(path: str, data: bytes) -> None:

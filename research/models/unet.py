@@ -8,12 +8,23 @@ ResBlock-Attention-ResBlock; the mirror-image upsampling path with (num_res_bloc
 per level fed by concatenated skips; GroupNorm -> SiLU -> a zero-initialised 3x3 output conv,
 so the untrained network predicts 0 (the eps-prediction loss then starts at ~1).
 
+Text conditioning (latent diffusion, Rombach et al. 2022): with context_dim > 0 the same
+network gains Stable Diffusion's SpatialTransformer blocks (GroupNorm, proj in, per block
+self-attention, cross-attention to `context`, gated-GELU feed-forward, each pre-LayerNorm
+with a residual, then a zero-initialised proj out and the outer residual) after every
+ResBlock at the resolutions in `transformer_resolutions`, and one in place of the middle
+self-attention. Cross-attention gets kv_lengths = context_lengths, so padding tokens are
+never attended to; context=None (or length 0) is the null condition. With the defaults
+(context_dim=0) nothing of this exists and the network is exactly the unconditional/class
+UNet.
+
 Attention is research.models.layers.MultiHeadAttention, whose core is
 kernels.attention.dot_product_attention (layout [B, T, H, D]) with the module's
 `attention_impl`, so the Pallas kernel is used on GPU and XLA on CPU.
 """
 from __future__ import annotations
 
+import functools
 import math
 from typing import Sequence
 
@@ -109,10 +120,69 @@ class AttnBlock(nn.Module):
     return (x + h) / math.sqrt(2.0)
 
 
+class TransformerBlock(nn.Module):
+  """SD's BasicTransformerBlock on tokens x [B, N, C] with context [B, S, Cc]:
+
+    x = x + SelfAttn(LN(x));  x = x + CrossAttn(LN(x), context, kv_lengths);
+    x = x + W2 (a * GELU(g)) with (a, g) = W1 LN(x) split in two (GEGLU, 4C hidden).
+  """
+  num_heads: int = 4
+  attention_impl: str = "auto"
+
+  @nn.compact
+  def __call__(self, x, context, context_lengths):
+    c = x.shape[-1]
+    attn = functools.partial(MultiHeadAttention, num_heads=self.num_heads,
+                             attention_impl=self.attention_impl)
+    x = x + attn(name="self_attn")(nn.LayerNorm(name="ln_self")(x))
+    x = x + attn(name="cross_attn")(nn.LayerNorm(name="ln_cross")(x), context=context,
+                                    kv_lengths=context_lengths)
+    a, gate = jnp.split(nn.Dense(8 * c, name="ff_in")(nn.LayerNorm(name="ln_ff")(x)), 2, -1)
+    return x + nn.Dense(c, name="ff_out")(a * nn.gelu(gate, approximate=False))
+
+
+class SpatialTransformer(nn.Module):
+  """GroupNorm -> proj in -> `depth` TransformerBlocks over the H*W positions -> proj out
+  (zero-initialised, so the block starts as the identity) -> + x. [B, H, W, C] -> same."""
+  num_heads: int = 4
+  depth: int = 1
+  attention_impl: str = "auto"
+
+  @nn.compact
+  def __call__(self, x, context, context_lengths):
+    b, hh, ww, c = x.shape
+    if c % self.num_heads:
+      raise ValueError(f"unet: channels {c} at {hh}px are not divisible by "
+                       f"num_heads={self.num_heads}; choose num_heads dividing every width.")
+    h = nn.Dense(c, name="proj_in")(GroupNorm(num_groups=_num_groups(c))(x))
+    h = h.reshape(b, hh * ww, c)
+    for i in range(self.depth):
+      h = TransformerBlock(self.num_heads, self.attention_impl, name=f"block_{i}")(
+          h, context, context_lengths)
+    h = nn.Dense(c, kernel_init=_ZERO, name="proj_out")(h)
+    return x + h.reshape(b, hh, ww, c)
+
+
 class Downsample(nn.Module):
   @nn.compact
   def __call__(self, x):
     return nn.Conv(x.shape[-1], (3, 3), strides=(2, 2))(x)
+
+
+def downsampling_trunk(x, *, ch: int, ch_mult: Sequence[int], num_res_blocks: int,
+                       dropout: float, emb, train: bool):
+  """3x3 conv to `ch`, then per level `num_res_blocks` ResBlocks of ch * mult channels with a
+  Downsample between levels: the trunk of the classifier and of the autoencoder's encoder.
+
+  Call it inside a compact module: its layers belong to (and are named in) the caller.
+  """
+  h = nn.Conv(ch, (3, 3))(x)
+  for level, mult in enumerate(ch_mult):
+    for _ in range(num_res_blocks):
+      h = ResBlock(ch * mult, dropout)(h, emb, train)
+    if level != len(ch_mult) - 1:
+      h = Downsample()(h)
+  return h
 
 
 class Upsample(nn.Module):
@@ -130,6 +200,9 @@ class UNet(nn.Module):
   With num_classes > 0, a learned class embedding is added to the time embedding; label index
   `num_classes` is the null (unconditional) token, so one network serves classifier-free
   guidance, and labels=None means unconditional (as in research.models.mlp).
+  With context_dim > 0, `context` [B, S, context_dim] (e.g. research.models.text's token
+  features) with `context_lengths` [B] (valid tokens; default all S) conditions the network
+  through cross-attention (see the module docstring); context=None is the null condition.
   H and W must be divisible by 2**(len(ch_mult) - 1).
   """
   ch: int = 64                              # base channels
@@ -142,6 +215,9 @@ class UNet(nn.Module):
   num_classes: int = 0                      # 0: unconditional
   attention_impl: str = "auto"              # kernels.attention implementation
   remat: bool = False                       # recompute each block in the backward pass
+  context_dim: int = 0                      # 0: no cross-attention; else the context width
+  transformer_resolutions: Sequence[int] = ()  # resolutions (px) with SpatialTransformers
+  transformer_depth: int = 1                # TransformerBlocks per SpatialTransformer
 
   def _check(self, x):
     if x.ndim != 4:
@@ -160,10 +236,47 @@ class UNet(nn.Module):
       raise ValueError(f"unet: attn_resolutions={tuple(self.attn_resolutions)} has {missing}, "
                        f"which this UNet never reaches; its resolutions are {levels} px "
                        f"(model.attn_resolutions must be a subset).")
+    if self.context_dim < 0 or self.transformer_depth < 1:
+      raise ValueError(f"unet: context_dim={self.context_dim} must be >= 0 and "
+                       f"transformer_depth={self.transformer_depth} >= 1.")
+    if self.transformer_resolutions and not self.context_dim:
+      raise ValueError(f"unet: transformer_resolutions={tuple(self.transformer_resolutions)} "
+                       "needs context_dim > 0 (the width of the context it attends to).")
+    missing = sorted(set(self.transformer_resolutions) - set(levels))
+    if missing:
+      raise ValueError(f"unet: transformer_resolutions={tuple(self.transformer_resolutions)} "
+                       f"has {missing}, which this UNet never reaches; its resolutions are "
+                       f"{levels} px.")
+    both = sorted(set(self.transformer_resolutions) & set(self.attn_resolutions))
+    if both:  # a SpatialTransformer self-attends already
+      raise ValueError(f"unet: resolutions {both} are in both attn_resolutions and "
+                       "transformer_resolutions; a transformer block already self-attends, "
+                       "so list each resolution in one of them.")
+
+  def _context(self, x, context, context_lengths):
+    """(context [B, S, Cc], lengths [B] int32) to cross-attend to; None -> the null condition."""
+    b = x.shape[0]
+    if not self.context_dim:
+      if context is not None or context_lengths is not None:
+        raise ValueError("unet: context was given but context_dim=0 (no cross-attention); "
+                         "set model.context_dim to the context's width.")
+      return None, None
+    if context is None:  # nothing to attend to: one zero token of length 0
+      return jnp.zeros((b, 1, self.context_dim), x.dtype), jnp.zeros((b,), jnp.int32)
+    if context.ndim != 3 or context.shape[0] != b or context.shape[-1] != self.context_dim:
+      raise ValueError(f"unet: context must be [B={b}, S, context_dim={self.context_dim}], "
+                       f"got {context.shape}.")
+    if context_lengths is None:
+      context_lengths = jnp.full((b,), context.shape[1], jnp.int32)
+    if context_lengths.shape != (b,):
+      raise ValueError(f"unet: context_lengths must be [B={b}], got {context_lengths.shape}.")
+    return context, context_lengths.astype(jnp.int32)
 
   @nn.compact
-  def __call__(self, x, t, labels=None, train: bool = False):
+  def __call__(self, x, t, labels=None, train: bool = False, context=None,
+               context_lengths=None):
     self._check(x)
+    context, context_lengths = self._context(x, context, context_lengths)
     emb_dim = 4 * self.ch
     # In the input's dtype, so a bfloat16 forward pass (models.precision) stays bfloat16.
     emb = TimeEmbedding(emb_dim, self.time_embedding)(t).astype(x.dtype)
@@ -186,6 +299,12 @@ class UNet(nn.Module):
       count["attn"] += 1
       return attn_cls(*args, name=f"AttnBlock_{count['attn'] - 1}")
 
+    xattn = set(int(r) for r in self.transformer_resolutions)
+
+    def transformer(h):
+      return SpatialTransformer(self.num_heads, self.transformer_depth, self.attention_impl)(
+          h, context, context_lengths)
+
     h = nn.Conv(self.ch, (3, 3))(x)
     skips = [h]
     for level, mult in enumerate(self.ch_mult):
@@ -193,13 +312,18 @@ class UNet(nn.Module):
         h = res_block(self.ch * mult, self.dropout)(h, emb, train)
         if h.shape[1] in attn:
           h = attn_block(self.num_heads, self.attention_impl)(h)
+        if h.shape[1] in xattn:
+          h = transformer(h)
         skips.append(h)
       if level != len(self.ch_mult) - 1:
         h = Downsample()(h)
         skips.append(h)
 
     h = res_block(h.shape[-1], self.dropout)(h, emb, train)
-    h = attn_block(self.num_heads, self.attention_impl)(h)
+    if self.context_dim:
+      h = transformer(h)
+    else:
+      h = attn_block(self.num_heads, self.attention_impl)(h)
     h = res_block(h.shape[-1], self.dropout)(h, emb, train)
 
     for level in reversed(range(len(self.ch_mult))):
@@ -208,6 +332,8 @@ class UNet(nn.Module):
             jnp.concatenate([h, skips.pop()], axis=-1), emb, train)
         if h.shape[1] in attn:
           h = attn_block(self.num_heads, self.attention_impl)(h)
+        if h.shape[1] in xattn:
+          h = transformer(h)
       if level != 0:
         h = Upsample()(h)
     assert not skips, "every skip connection is consumed exactly once"

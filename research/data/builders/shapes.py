@@ -73,6 +73,37 @@ def captions(attrs: Dict[str, np.ndarray]) -> list:
                                 attrs["position"])]
 
 
+# The attributes a caption names, in caption-independent order, with their class names; the
+# shape is stored as "label" in `generate`'s output and the TFDS records.
+ATTRIBUTES = {"shape": SHAPES, "colour": COLOURS, "size": SIZES, "position": POSITIONS}
+
+
+def attribute_labels(examples: Dict[str, np.ndarray]) -> Dict[str, np.ndarray]:
+  """{attribute: int class ids [N]} of `generate` output (or a batch with the same keys)."""
+  return {name: np.asarray(examples["label" if name == "shape" else name]).astype(np.int64)
+          for name in ATTRIBUTES}
+
+
+def parse_captions(texts) -> Dict[str, np.ndarray]:
+  """{attribute: int class ids [N]} named by captions such as "small red circle at top left"
+  (the inverse of `captions`); a caption of another form raises ValueError naming it."""
+  out = {name: [] for name in ATTRIBUTES}
+  for text in texts:
+    text = str(text)
+    head, sep, position = text.partition(" at ")
+    words = head.split()
+    if (not sep or len(words) != 3 or words[0] not in SIZES or words[1] not in COLOURS
+        or words[2] not in SHAPES or position not in POSITIONS):
+      raise ValueError(f"caption {text!r} is not '<size> <colour> <shape> at <position>' with "
+                       f"size in {SIZES}, colour in {COLOURS}, shape in {SHAPES}, position in "
+                       f"{POSITIONS}.")
+    out["size"].append(SIZES.index(words[0]))
+    out["colour"].append(COLOURS.index(words[1]))
+    out["shape"].append(SHAPES.index(words[2]))
+    out["position"].append(POSITIONS.index(position))
+  return {name: np.asarray(v, np.int64) for name, v in out.items()}
+
+
 def generate(n: int, seed: int, split: str = "train") -> Dict[str, np.ndarray]:
   """The first n examples of `split` for `seed`: images, labels, attributes, captions."""
   if split not in SPLIT_INDEX:
