@@ -162,6 +162,12 @@ def get_config(arg=None):
   # --- sweep (mode = sweep) ---------------------------------------------------------------------
   c.sweep = sw = ml_collections.ConfigDict()
   sw.samplers = ("ddpm", "ddim")  # samplers compared
-  sw.steps = (10, 20, 50, 100)    # step counts compared
+  sw.steps = (10, 20, 50, 100)    # step counts compared (when sweep.nfe is empty)
+  sw.nfe = ()                     # NFE budgets: each cell gets the most steps whose NFE fits
+  sw.grid = ""                    # per-family option grids: "ddim: eta=0|0.5, grid=uniform|quadratic; heun: S_churn=0|10"
+  sw.cells = ()                   # explicit extra cells: ("ddim: eta=0.3, grid=logsnr",)
+  sw.seeds = (0,)                 # repeats: metrics get a mean and a 95% interval over seeds
+  sw.score = "model"              # model (the latest checkpoint) | exact (toy mixtures' true score: no checkpoint)
+  sw.num_samples = 0              # samples per cell (0: sample.num_samples)
 
   return c

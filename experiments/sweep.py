@@ -1,75 +1,292 @@
-"""--mode=sweep: every (sampler, steps) cell of config.sweep on the latest checkpoint.
+"""--mode=sweep: compare samplers cell by cell, resumably, with intervals over seeds.
 
-Writes WORKDIR/sweep/results.csv (one row per cell), results.md (a table) and a
-quality-vs-NFE plot.
+A cell is (sampler, options, steps, seed): config.sweep names the samplers, per-family option
+grids (`sweep.grid = "ddim: eta=0|0.5, grid=uniform|quadratic; heun: S_churn=0|10"`, a
+product per family), explicit cells (`sweep.cells = ("ddim: eta=0.3",)`), the step counts or
+NFE budgets (`sweep.nfe`: each cell gets the most steps whose NFE fits, from
+samplers.steps_for_nfe, so Heun's two evaluations per step and a final denoise count) and
+the seeds. `sweep.score = "exact"` samples toy Gaussian mixtures with the true score (no
+checkpoint: sampler error apart from training error); "model" uses the run's latest
+checkpoint (train it first with --mode=train).
+
+Each finished cell is stored at once in WORKDIR/sweep/cells/<key>.json, keyed by its
+parameters and the checkpoint step; a rerun (after a kill, or with cells added) samples
+only cells without a stored result. The tables are regenerated from the stored cells:
+
+  WORKDIR/sweep/results.json, results.csv   one row per (sampler, options, steps): every option,
+                                            the NFE measured, mean and 95% interval over seeds
+                                            of each metric, warm seconds per sample
+  WORKDIR/sweep/results.md                  the table and the best sampler at each NFE budget
+  WORKDIR/sweep/quality_vs_nfe.png          the headline metric against NFE, error bars
+
+`report(config, workdir)` rewrites them from the stored cells without sampling.
 """
 from __future__ import annotations
 
 import csv
+import hashlib
+import json
+import math
 import os
-from typing import Dict, List
+import time
+from typing import Any, Dict, List, Optional, Tuple
+
+import jax
+import numpy as np
+from absl import logging
 
 from experiments import builders
 from experiments import data as data_lib
 from experiments import plotting
 from experiments import sample as sample_lib
-from experiments.options import SampleRequest
+from experiments import workdir as wd
+from experiments.options import ConfigError, SampleRequest
+from experiments.sweep_cells import cells, check  # noqa: F401  (re-exported)
 from experiments.state import restore_trained
+from research.diffusion import analytic
+from research.diffusion import samplers as samplers_lib
+
+CELLS_DIR = os.path.join("sweep", "cells")
+
+
+def cell_key(cell: Dict[str, Any], target: Dict[str, Any]) -> str:
+  blob = json.dumps({**cell, **target}, sort_keys=True, default=str)
+  return hashlib.sha1(blob.encode()).hexdigest()[:16]
+
+
+# --- sampling -----------------------------------------------------------------------------------
+def _exact_mixture(spec):
+  ds = spec.toy
+  if ds is None or not all(hasattr(ds, a) for a in ("means", "stds", "weights")):
+    raise ConfigError("config.sweep.score='exact' needs toy Gaussian-mixture data (ring, grid, "
+                      "...); use 'model' for this dataset.")
+  return analytic.GaussianMixture(np.asarray(ds.means), np.asarray(ds.stds),
+                                  np.asarray(ds.weights))
+
+
+class _Target:
+  """What a sweep samples: the exact mixture score, or the run's (trained) checkpoint."""
+
+  def __init__(self, config, workdir: str, spec):
+    self.config, self.spec = config, spec
+    self.objective = builders.build_objective(config, spec, workdir)
+    if config.sweep.score == "exact":
+      self.gmm = _exact_mixture(spec)
+      self.score = self.gmm.score_fn(self.objective.sde)
+      self.key = {"score": "exact"}
+      self.params = None
+      return
+    state = restore_trained(config, workdir, self.objective, spec)
+    self.params = state.ema_params if config.sample.use_ema else state.params
+    self.key = {"score": "model", "checkpoint_step": int(state.step)}
+
+  def draw(self, cell, num: int, rng):
+    if self.params is None:
+      dims = tuple(self.spec.dims)
+      out, nfe = [], 0
+      chunk = self.config.sample.batch_size
+      for i, start in enumerate(range(0, num, chunk)):
+        n = min(chunk, num - start)
+        x, info = samplers_lib.sample(cell["sampler"], self.score, self.objective.sde,
+                                      (n, *dims), jax.random.fold_in(rng, i),
+                                      steps=cell["steps"], **cell["options"])
+        out.append(np.asarray(x))
+        nfe = int(info["nfe"])
+      return np.concatenate(out, 0), nfe
+    request = SampleRequest(cell["sampler"], cell["steps"], tuple(cell["options"].items()),
+                            "sweep")
+    labels = None
+    if self.config.data.conditional:
+      labels = np.arange(num, dtype=np.int32) % self.spec.num_classes
+    samples, info = sample_lib.draw_samples(self.config, self.objective, self.params, request,
+                                            rng, num, labels=labels)
+    return samples, int(info["nfe"])
+
+
+def _run_cell(config, target: _Target, cell) -> Dict[str, Any]:
+  num = int(config.sweep.num_samples or config.sample.num_samples)
+  rng = jax.random.fold_in(jax.random.PRNGKey(config.seed), 1000 + cell["seed"])
+  t0 = time.perf_counter()
+  samples, nfe = target.draw(cell, num, rng)
+  seconds = time.perf_counter() - t0
+  labels = None
+  if target.params is not None and config.data.conditional:
+    labels = np.arange(num, dtype=np.int32) % target.spec.num_classes
+  metrics = sample_lib.sample_metrics(config, target.spec, samples, labels, rng)
+  metrics = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))
+             and not k.startswith("mode_share")}
+  return {**cell, "nfe": nfe, "seconds_per_sample": seconds / num, "metrics": metrics}
 
 
 def sweep(config, workdir: str) -> List[Dict]:
-  """Samples every cell (validate has checked the names and steps) on one restored state."""
+  """Runs every cell without a stored result, then writes the tables; returns the rows."""
   spec = data_lib.build_data_spec(config)
-  state = restore_trained(config, workdir, builders.build_objective(config, spec, workdir), spec)
-  rows = []
-  for name in config.sweep.samplers:
-    for steps in config.sweep.steps:
-      cell = SampleRequest(name, int(steps), (("denoise", config.sample.denoise),),
-                           f"sweep_{name}_{steps}")
-      m = sample_lib.sample_and_evaluate(config, workdir, state, cell)
-      rows.append({"sampler": name, "steps": steps, **m})
-  out = os.path.join(workdir, "sweep")
-  os.makedirs(out, exist_ok=True)
-  keys = ["sampler", "steps"] + sorted({k for r in rows for k in r} - {"sampler", "steps", "tag"}
-                                      - {k for r in rows for k in r if k.startswith("mode_share")})
-  with open(os.path.join(out, "results.csv"), "w", newline="") as f:
-    w = csv.DictWriter(f, fieldnames=keys, extrasaction="ignore")
-    w.writeheader()
-    w.writerows(rows)
-  with open(os.path.join(out, "results.md"), "w") as f:
-    f.write("| " + " | ".join(keys) + " |\n|" + "---|" * len(keys) + "\n")
-    for r in rows:
-      f.write("| " + " | ".join(_fmt(r.get(k, "")) for k in keys) + " |\n")
-  _plot(rows, os.path.join(out, "quality_vs_nfe.png"), _headline_metric(config, spec))
-  return rows
+  target = _Target(config, workdir, spec)
+  todo = cells(config)
+  directory = os.path.join(workdir, CELLS_DIR)
+  if wd.is_writer():
+    os.makedirs(directory, exist_ok=True)
+  pending = [c for c in todo
+             if not os.path.exists(os.path.join(directory, cell_key(c, target.key) + ".json"))]
+  logging.info("Sweep: %d cells, %d stored, %d to sample (%s).", len(todo),
+               len(todo) - len(pending), len(pending), target.key)
+  bar = None
+  if pending and config.train.progress:
+    from tqdm.auto import tqdm  # pylint: disable=import-outside-toplevel
+    bar = tqdm(total=len(pending), desc="sweep cells", dynamic_ncols=True)
+  for c in pending:
+    result = _run_cell(config, target, c)
+    if wd.is_writer():
+      wd.atomic_write_bytes(os.path.join(directory, cell_key(c, target.key) + ".json"),
+                            json.dumps({**result, "target": target.key}).encode())
+    if bar is not None:
+      bar.update(1)
+      bar.set_postfix(cell=f"{c['sampler']}:{c['steps']}")
+  if bar is not None:
+    bar.close()
+  return _write_tables(config, workdir, spec, target.key, todo)
 
 
-def _fmt(v):
-  return f"{v:.4g}" if isinstance(v, float) else str(v)
+def report(config, workdir: str) -> str:
+  """Rewrites the sweep tables from the stored cells (no sampling); returns the markdown."""
+  spec = data_lib.build_data_spec(config)
+  directory = os.path.join(workdir, CELLS_DIR)
+  stored = [json.load(open(os.path.join(directory, f))) for f in sorted(os.listdir(directory))
+            if f.endswith(".json")] if os.path.isdir(directory) else []
+  if not stored:
+    raise ConfigError(f"no stored sweep cells in {directory}: run --mode=sweep first.")
+  # The target of the newest cells (e.g. the latest checkpoint step).
+  key = max((c["target"] for c in stored), key=lambda t: t.get("checkpoint_step", -1))
+  _write_tables(config, workdir, spec, key, cells(config))
+  with open(os.path.join(workdir, "sweep", "results.md")) as f:
+    return f.read()
+
+
+# --- tables -------------------------------------------------------------------------------------
+_T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306,
+         9: 2.262, 10: 2.228, 15: 2.131, 20: 2.086, 30: 2.042}
+
+
+def interval95(values) -> Tuple[float, float]:
+  """(mean, half-width of the 95% t-interval of the mean); 0 width for one value."""
+  v = np.asarray(values, np.float64)
+  if len(v) < 2:
+    return float(v.mean()), 0.0
+  dof = len(v) - 1
+  t = _T975.get(dof) or next((_T975[k] for k in sorted(_T975) if k >= dof), 1.96)
+  return float(v.mean()), float(t * v.std(ddof=1) / math.sqrt(len(v)))
 
 
 def _headline_metric(config, spec) -> str:
-  """What the plot shows: fd_<dataset> for images, else the log-density gap where the toy
-  data has a density, else the sliced Wasserstein distance."""
   if spec.kind == "image":
     return data_lib.fd_metric(config)
   return "logp_gap" if getattr(spec.toy, "has_density", False) else "sliced_wasserstein"
 
 
+def _label(row) -> str:
+  opts = {k: v for k, v in row["options"].items() if k != "denoise" or v}
+  return row["sampler"] + ("" if not opts else " " + ",".join(f"{k}={v}" for k, v in opts.items()))
+
+
+def aggregate(results: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
+  """One row per (sampler, options, steps): means and 95% intervals over the seeds."""
+  groups: Dict[str, List[Dict[str, Any]]] = {}
+  for r in results:
+    groups.setdefault(json.dumps([r["sampler"], r["options"], r["steps"]], sort_keys=True),
+                      []).append(r)
+  rows = []
+  for members in groups.values():
+    first = members[0]
+    row = {"sampler": first["sampler"], "options": first["options"], "steps": first["steps"],
+           "nfe_budget": first.get("nfe_budget"), "nfe": float(np.mean([m["nfe"] for m in members])),
+           "seeds": len(members),
+           # warm: the fastest seed (the first one of a new shape also compiles)
+           "seconds_per_sample": min(m["seconds_per_sample"] for m in members)}
+    for k in sorted(first["metrics"]):
+      mean, half = interval95([m["metrics"][k] for m in members if k in m["metrics"]])
+      row[k], row[k + "_ci95"] = mean, half
+    rows.append(row)
+  return rows
+
+
+def _fmt(v) -> str:
+  if isinstance(v, float):
+    return f"{v:.4g}"
+  return "" if v is None else str(v)
+
+
+def _write_tables(config, workdir, spec, target_key, todo) -> List[Dict]:
+  directory = os.path.join(workdir, CELLS_DIR)
+  results = []
+  for c in todo:
+    path = os.path.join(directory, cell_key(c, target_key) + ".json")
+    if os.path.exists(path):
+      with open(path) as f:
+        results.append(json.load(f))
+  rows = aggregate(results)
+  if not wd.is_writer():
+    return rows
+  headline = _headline_metric(config, spec)
+  if rows and headline not in rows[0]:
+    headline = "sliced_wasserstein" if "sliced_wasserstein" in rows[0] else "nfe"
+  out = os.path.join(workdir, "sweep")
+  metric_keys = sorted({k for r in rows for k in r} - {"sampler", "options", "steps", "nfe",
+                                                        "nfe_budget", "seeds",
+                                                        "seconds_per_sample"})
+  option_keys = sorted({k for r in rows for k in r["options"]})
+  keys = ["sampler", *option_keys, "steps", "nfe_budget", "nfe", "seeds", "seconds_per_sample",
+          *metric_keys]
+  flat = [{**{k: r["options"].get(k, "") for k in option_keys}, **r} for r in rows]
+  wd.atomic_write_bytes(os.path.join(out, "results.json"), json.dumps(
+      {"target": target_key, "headline": headline, "rows": rows}, indent=1).encode())
+  with open(os.path.join(out, "results.csv.tmp"), "w", newline="") as f:
+    w = csv.DictWriter(f, fieldnames=keys, extrasaction="ignore")
+    w.writeheader()
+    w.writerows(flat)
+  os.replace(os.path.join(out, "results.csv.tmp"), os.path.join(out, "results.csv"))
+  wd.atomic_write_bytes(os.path.join(out, "results.md"),
+                        to_markdown(rows, headline, target_key).encode())
+  _plot(rows, os.path.join(out, "quality_vs_nfe.png"), headline)
+  return rows
+
+
+def to_markdown(rows, headline: str, target_key) -> str:
+  show = [headline] + [k for k in ("modes_covered", "mode_weight_error", "std_ratio")
+                       if rows and k in rows[0] and k != headline]
+  lines = [f"Sweep on {target_key}; mean +- 95% interval over seeds; seconds per sample warm.",
+           "", "| sampler | steps | NFE | seeds | " + " | ".join(show) + " | s/sample |",
+           "|---|---|---|---|" + "---|" * len(show) + "---|"]
+  for r in rows:
+    vals = " | ".join(f"{_fmt(r.get(k))} +- {_fmt(r.get(k + '_ci95'))}" for k in show)
+    lines.append(f"| {_label(r)} | {r['steps']} | {_fmt(r['nfe'])} | {r['seeds']} | {vals} | "
+                 f"{r['seconds_per_sample']:.2e} |")
+  budgets = sorted({r["nfe_budget"] for r in rows if r.get("nfe_budget")})
+  if budgets and headline in (rows[0] if rows else {}):
+    # logp_gap: closest to 0 is best; a distance: smallest is best.
+    score = (lambda r: abs(r[headline])) if headline == "logp_gap" else (lambda r: r[headline])
+    lines += ["", f"Best at each NFE budget (by {headline}):", "",
+              f"| NFE budget | sampler | steps | {headline} |", "|---|---|---|---|"]
+    for b in budgets:
+      best = min((r for r in rows if r.get("nfe_budget") == b), key=score)
+      lines.append(f"| {b} | {_label(best)} | {best['steps']} | {_fmt(best[headline])} +- "
+                   f"{_fmt(best[headline + '_ci95'])} |")
+  return "\n".join(lines) + "\n"
+
+
 def _plot(rows, path, key):
-  if path is None:  # not the writing process
+  if path is None or not rows:
     return
-  if not any(key in r for r in rows):  # e.g. samples outside a bounded support: no logp_gap
-    key = "sliced_wasserstein" if any("sliced_wasserstein" in r for r in rows) else "nfe"
   plt = plotting.pyplot()
-  fig, ax = plt.subplots(figsize=(5, 3.5), dpi=110)
-  for name in sorted({r["sampler"] for r in rows}):
-    pts = sorted((r["nfe"], r.get(key, float("nan"))) for r in rows if r["sampler"] == name)
-    ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-", label=name)
+  fig, ax = plt.subplots(figsize=(6, 4), dpi=110)
+  for label in dict.fromkeys(_label(r) for r in rows):
+    pts = sorted((r["nfe"], r.get(key, float("nan")), r.get(key + "_ci95", 0.0)) for r in rows
+                 if _label(r) == label)
+    ax.errorbar([p[0] for p in pts], [p[1] for p in pts], yerr=[p[2] for p in pts], fmt="o-",
+                capsize=2, label=label)
   ax.set_xscale("log")
   ax.set_xlabel("NFE")
   ax.set_ylabel(key)
-  ax.legend(fontsize=7)
+  ax.legend(fontsize=6)
   fig.tight_layout()
   fig.savefig(path)
   plt.close(fig)

@@ -16,6 +16,7 @@ from configs import base as base_config
 from experiments import builders
 from experiments import data as data_lib
 from experiments import mesh as mesh_lib
+from experiments import sweep_cells
 from experiments.options import (MODES, ConfigError, boolean, check_sample_requests, choice,
                                  fail, field, parse_extra, parse_options, positive_float,
                                  positive_int, unit_interval)
@@ -277,15 +278,7 @@ def _objective(config, mode: str):
     raise ConfigError(f"--mode=sweep compares samplers and step counts; objective={name!r} "
                       "samples by one inverse pass and has neither (allowed: an objective with "
                       "samplers, e.g. 'diffusion' or 'flow_matching').")
-  for sampler in config.sweep.samplers:
-    for steps in config.sweep.steps:
-      try:
-        objective.check_options({"sampler": sampler, "denoise": config.sample.denoise}, steps)
-      except (ValueError, TypeError) as e:
-        fail("sweep", {"samplers": tuple(config.sweep.samplers),
-                       "steps": tuple(config.sweep.steps)},
-             f"samplers of {', '.join(map(repr, objective.sampler_names))} and steps "
-             f"integers >= 1 ({e})")
+  sweep_cells.check(config, objective)
 
 
 def likelihood_settings(config) -> Dict[str, Any]:

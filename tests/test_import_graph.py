@@ -26,7 +26,7 @@ ALLOWED = {"kernels": {"kernels"}, "research": {"kernels", "research"},
 # experiments/ floor by floor; a module imports only modules of lower floors.
 EXPERIMENT_FLOORS = [
     {"options", "plotting", "convert_inception_weights"},
-    {"mesh", "workdir"},
+    {"mesh", "workdir", "sweep_cells"},
     {"data"},
     {"builders", "state", "image_metrics"},
     {"validate", "latent", "sample"},
