@@ -17,6 +17,7 @@ from experiments import data as data_lib
 from experiments import image_metrics
 from experiments import mesh as mesh_lib
 from experiments import plotting
+from experiments import summaries
 from experiments import workdir as wd
 from experiments.options import NonFiniteError, SampleRequest, sample_requests
 from experiments.state import restore_trained
@@ -83,12 +84,16 @@ def sample_and_evaluate(config, workdir: str, state=None,
                                       num_reference=config.eval.num_reference,
                                       num_projections=config.eval.num_projections))
     ref, _ = ds.sample(jax.random.fold_in(rng, 8), 5000)
-    plotting.scatter(wd.figure_path(workdir, tag), samples, ref, labels=labels,
-                     title=f"{config.data.name}: {tag} ({info['nfe']} NFE), step {int(state.step)}")
+    figure = plotting.scatter(
+        wd.figure_path(workdir, tag), samples, ref, labels=labels,
+        title=f"{config.data.name}: {tag} ({info['nfe']} NFE), step {int(state.step)}")
   else:
     metrics.update(image_metrics.image_metrics(config, spec, samples, labels))
-    plotting.image_grid(wd.figure_path(workdir, tag), samples, title=f"{tag}, step {int(state.step)}")
-  wd.MetricWriter(workdir).write(int(state.step), "sample", metrics)
+    figure = plotting.image_grid(wd.figure_path(workdir, tag), samples,
+                                 title=f"{tag}, step {int(state.step)}")
+  with summaries.writer(config, workdir) as writer:
+    writer.write(int(state.step), "sample", metrics)
+    writer.image(int(state.step), "sample", tag, figure)
   logging.info("Samples %s: %s", tag, {k: (round(v, 4) if isinstance(v, float) else v)
                                        for k, v in metrics.items() if not k.startswith("mode_share")})
   return metrics

@@ -27,10 +27,11 @@ ALLOWED = {"kernels": {"kernels"}, "research": {"kernels", "research"},
 EXPERIMENT_FLOORS = [
     {"options", "plotting", "convert_inception_weights"},
     {"mesh", "workdir"},
-    {"data"},
+    {"data", "summaries"},
     {"builders", "state", "image_metrics"},
     {"validate", "train", "sample"},
     {"evaluate", "sweep", "guided"},
+    {"report"},
     {"main"},
 ]
 
