@@ -178,3 +178,35 @@ def test_wandb_without_the_package_is_one_clear_error():
 def test_a_bad_log_field_names_it():
   with pytest.raises(ConfigError, match=r"config\.log\.wandb_mode='cloud' is not allowed"):
     validate.validate(_tiny(**{"log.wandb_mode": "cloud"}), "train")
+
+
+def test_wandb_sink_logs_each_split_on_its_own_step_axis(tmp_path, monkeypatch):
+  """wandb is optional, so a stand-in module records what the sink asks of it."""
+  import types
+  calls = []
+
+  class Run:
+    def define_metric(self, name, **kw):
+      calls.append(("define_metric", name, kw))
+
+    def log(self, values):
+      calls.append(("log", values))
+
+    def finish(self):
+      calls.append(("finish",))
+
+  fake = types.ModuleType("wandb")
+  fake.init = lambda **kw: calls.append(("init", kw)) or Run()
+  fake.Image = lambda path: ("image", path)
+  monkeypatch.setitem(sys.modules, "wandb", fake)
+  config = _tiny(**{"log.wandb": True, "log.tensorboard": False})
+  with summaries.writer(config, str(tmp_path)) as w:
+    w.write(5, "train", {"loss": 1.5, "compute_dtype": "float32"})
+    w.write(20, "sample", {"tag": "ddpm_20", "nfe": 21})
+  init = calls[0][1]
+  assert init["mode"] == "offline" and init["project"] == "genjax" and init["resume"] == "allow"
+  assert init["config"]["data"]["name"] == "ring"
+  assert ("log", {"train/loss": 1.5, "train/step": 5}) in calls
+  assert ("log", {"sample/ddpm_20/nfe": 21.0, "sample/step": 20}) in calls
+  assert ("define_metric", "train/*", {"step_metric": "train/step"}) in calls
+  assert calls[-1] == ("finish",)
