@@ -77,6 +77,13 @@ def get_config(arg=None):
   t.progress = True               # tqdm progress bar on stderr
   t.compute_dtype = "float32"     # float32 | bfloat16: activations and attention (params and optimizer stay float32)
 
+  # --- where a run is watched (experiments/summaries.py) ------------------------------------------
+  c.log = lg = ml_collections.ConfigDict()
+  lg.tensorboard = True           # mirror metrics.jsonl into WORKDIR/tensorboard/<split>/ (tensorboardX event files; sample figures as images)
+  lg.wandb = False                # also log to Weights & Biases (needs `pip install wandb`; never a hard dependency)
+  lg.wandb_project = "genjax"     # wandb: project name
+  lg.wandb_mode = "offline"       # wandb: offline (no network; `wandb sync` later) | online
+
   # --- devices (experiments/mesh.py) ------------------------------------------------------------
   c.mesh = ms = ml_collections.ConfigDict()
   ms.data = -1                    # data-parallel axis size (-1 = the devices the other axis leaves)

@@ -33,6 +33,7 @@ from experiments import builders
 from experiments import data as data_lib
 from experiments import mesh as mesh_lib
 from experiments import sample as sample_lib
+from experiments import summaries
 from experiments import workdir as wd
 from experiments.options import NonFiniteError
 from experiments.state import restore_trained
@@ -193,7 +194,8 @@ def evaluate(config, workdir: str) -> Dict[str, Any]:
   eval_metrics = compute_test_likelihood(config, spec, objective, params, settings, rng)
   if eval_metrics is None:
     return metrics
-  wd.MetricWriter(workdir).write(int(state.step), "eval", eval_metrics)
+  with summaries.writer(config, workdir) as writer:
+    writer.write(int(state.step), "eval", eval_metrics)
   logging.info("Eval (step %d): %s", int(state.step),
                {k: (float(f"{v:.4g}") if isinstance(v, float) else v)
                 for k, v in eval_metrics.items()})

@@ -35,6 +35,7 @@ from experiments import mesh as mesh_lib
 from experiments import plotting
 from experiments import sample as sample_lib
 from experiments import state as state_lib
+from experiments import summaries
 from experiments import workdir as wd
 from experiments.options import parse_options
 from research.diffusion import guidance
@@ -117,12 +118,14 @@ def train_classifier(config, workdir: str, spec, sde) -> Tuple[object, object]:
   if start is not None:
     state = ckpt.restore(state, start)
   start = int(state.step)
-  state = state_lib.fit(
-      objective, state, data_lib.train_batches(config, spec, start),
-      rng=jax.random.fold_in(jax.random.PRNGKey(config.seed), 12), lr_schedule=lr, total=total,
-      ckpt=ckpt, writer=wd.MetricWriter(workdir), split="classifier",
-      log_every=max(1, min(config.train.log_every, total)),
-      nonfinite_hint="Try a lower guidance.classifier_learning_rate.")
+  with summaries.writer(config, workdir) as writer:
+    state = state_lib.fit(
+        objective, state, data_lib.train_batches(config, spec, start),
+        rng=jax.random.fold_in(jax.random.PRNGKey(config.seed), 12), lr_schedule=lr,
+        total=total, ckpt=ckpt, writer=writer, split="classifier",
+        log_every=max(1, min(config.train.log_every, total)),
+        nonfinite_hint="Try a lower guidance.classifier_learning_rate.",
+        on_checkpoint=lambda step: summaries.refresh_curves(workdir, "classifier"))
   logging.info("Noise-conditional classifier: %d steps (%s)", total,
                os.path.join(workdir, CLASSIFIER_DIR))
   return module, state.params
@@ -237,11 +240,16 @@ def guided_sample_and_evaluate(config, workdir: str, state=None) -> Dict[str, Di
   if config.guidance.kind == "classifier":
     classifier = train_classifier(config, workdir, spec, objective.sde)
   make_score = guided_score_factory(config, objective, params, spec, classifier)
+  with summaries.writer(config, workdir) as writer:
+    return _guided_scales(config, workdir, objective, spec, make_score, params, step, writer)
+
+
+def _guided_scales(config, workdir, objective, spec, make_score, params, step, writer):
+  """The guided samples, figures and "guidance" rows of every scale, written by `writer`."""
   k, n = spec.num_classes, config.guidance.samples_per_class
   labels = np.repeat(np.arange(k, dtype=np.int32), n)
   mixture = spec.toy is not None and hasattr(spec.toy, "means") and hasattr(spec.toy, "std")
   rng = jax.random.fold_in(jax.random.PRNGKey(config.seed), 13)
-  writer = wd.MetricWriter(workdir)
   results, rows = {}, []
   for scale in config.guidance.scales:
     tag = scale_tag(config, scale)
@@ -267,14 +275,15 @@ def guided_sample_and_evaluate(config, workdir: str, state=None) -> Dict[str, Di
       ref, _ = spec.toy.sample(jax.random.fold_in(rng, 99), 5000)
       # Shuffled, so the scatter's first-N cut shows every class, not the first few.
       order = np.random.default_rng(0).permutation(labels.shape[0])
-      plotting.scatter(wd.figure_path(workdir, tag), samples[order], ref, labels=labels[order],
-                       title=title)
+      figure = plotting.scatter(wd.figure_path(workdir, tag), samples[order], ref,
+                                labels=labels[order], title=title)
     else:
       # One row per class (up to 10 classes x 10 samples), so every class is on the grid.
       per = min(n, 10)
       rows_idx = np.concatenate([np.arange(c * n, c * n + per) for c in range(min(k, 10))])
-      plotting.image_grid(wd.figure_path(workdir, tag), samples[rows_idx], title=title)
+      figure = plotting.image_grid(wd.figure_path(workdir, tag), samples[rows_idx], title=title)
     writer.write(step, "guidance", metrics)
+    writer.image(step, "guidance", tag, figure)
     logging.info("Guided samples %s: %s", tag, {kk: (round(v, 4) if isinstance(v, float) else v)
                                                 for kk, v in metrics.items()})
     results[tag] = metrics

@@ -23,6 +23,7 @@ from ml_collections import config_flags
 
 from experiments import evaluate
 from experiments import guided
+from experiments import report
 from experiments import sample
 from experiments import sweep
 from experiments import train
@@ -39,7 +40,8 @@ flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics, sample
 flags.DEFINE_enum("mode", "train", list(MODES),
                   "train: train (resuming) then sample + evaluate; sample: draw samples from the "
                   "latest checkpoint; evaluate: sample metrics (+ likelihood where available); "
-                  "sweep: compare samplers x steps on the latest checkpoint.")
+                  "sweep: compare samplers x steps on the latest checkpoint; report: write "
+                  "WORKDIR/report.md (config, final metrics next to their references, figures).")
 flags.DEFINE_bool("debug", False, "Disable jit and enable NaN checks so pdb/breakpoint() work "
                   "inside models (slow); show full tracebacks.")
 
@@ -107,6 +109,8 @@ def run(config, workdir: str, mode: str = "train", debug: bool = False):
       return evaluate.evaluate(config, workdir)
     if mode == "sweep":
       return sweep.sweep(config, workdir)
+    if mode == "report":
+      return report.report(config, workdir)
   raise ConfigError(f"--mode={mode!r} is not allowed: one of {', '.join(MODES)}.")
 
 

@@ -20,7 +20,7 @@ import dataclasses
 import math
 from typing import Any, Dict, Iterable, Optional, Tuple
 
-MODES = ("train", "sample", "evaluate", "sweep")
+MODES = ("train", "sample", "evaluate", "sweep", "report")
 
 
 class UserError(Exception):

@@ -1,5 +1,7 @@
-"""Figures: scatter plots for vector data, image grids, quality-vs-NFE curves."""
+"""Figures: scatter plots for vector data, image grids, training curves."""
 from __future__ import annotations
+
+import os
 
 import numpy as np
 
@@ -67,6 +69,8 @@ def prompt_grid(path: str, images, prompts, ncol: int = 8, max_images: int = 48,
                 title: str = "") -> str:
   """Images in [-1, 1] [N, H, W, C], each with its prompt written under it."""
   import textwrap
+  if path is None:  # not the writing process
+    return None
   plt = pyplot()
   x = np.clip((np.asarray(images) + 1) / 2, 0, 1)[:max_images]
   n = len(x)
@@ -88,4 +92,54 @@ def prompt_grid(path: str, images, prompts, ncol: int = 8, max_images: int = 48,
   fig.subplots_adjust(left=0.02, right=0.98, top=0.95, bottom=0.06)
   fig.savefig(path)
   plt.close(fig)
+  return path
+
+
+CURVES = (("loss", "loss"), ("grad_norm", "gradient norm"), ("learning_rate", "learning rate"))
+
+
+def smooth(values, weight: float = 0.8) -> np.ndarray:
+  """TensorBoard's smoothing: an exponential moving average, debiased at the start."""
+  out, last = [], 0.0
+  for i, v in enumerate(np.asarray(values, np.float64)):
+    last = weight * last + (1 - weight) * v
+    out.append(last / (1 - weight ** (i + 1)))
+  return np.asarray(out)
+
+
+def train_curves(path: str, rows, title: str = "", weight: float = 0.8) -> str:
+  """Loss, gradient norm and learning rate of metrics rows against step, raw and smoothed.
+
+  Written to a temporary file and renamed, so a reader never sees half a figure.
+  """
+  if path is None:  # not the writing process
+    return None
+  plt = pyplot()
+  keys = [(k, label) for k, label in CURVES if any(k in r for r in rows)]
+  fig, axes = plt.subplots(1, max(len(keys), 1), figsize=(4 * max(len(keys), 1), 3), dpi=110,
+                           squeeze=False)
+  for ax, (key, label) in zip(axes[0], keys):
+    pts = sorted((int(r["step"]), float(r[key])) for r in rows
+                 if key in r and np.isfinite(r[key]))
+    steps = np.asarray([p[0] for p in pts])
+    vals = np.asarray([p[1] for p in pts])
+    if key == "learning_rate":  # a schedule, not a noisy measurement: nothing to smooth
+      ax.plot(steps, vals, color="C1", lw=1.6)
+    else:
+      ax.plot(steps, vals, color="C0", alpha=0.3, lw=1, label="raw")
+    if len(vals) and key != "learning_rate":
+      ax.plot(steps, smooth(vals, weight), color="C0", lw=1.6, label=f"smoothed ({weight})")
+      if vals.min() > 0 and vals.max() > 10 * vals.min():
+        ax.set_yscale("log")
+    ax.set_xlabel("step")
+    ax.set_title(label, fontsize=9)
+    ax.grid(alpha=0.3)
+  axes[0][0].legend(fontsize=7)
+  if title:
+    fig.suptitle(title, fontsize=9)
+  fig.tight_layout()
+  tmp = os.path.join(os.path.dirname(path) or ".", f".tmp-{os.getpid()}-{os.path.basename(path)}")
+  fig.savefig(tmp, format="png")
+  plt.close(fig)
+  os.replace(tmp, path)
   return path

@@ -24,6 +24,7 @@ from experiments import data as data_lib
 from experiments import image_metrics
 from experiments import mesh as mesh_lib
 from experiments import plotting
+from experiments import summaries
 from experiments import workdir as wd
 from experiments.options import ConfigError, NonFiniteError, SampleRequest, sample_requests
 from experiments.state import restore_trained
@@ -135,9 +136,8 @@ def _check_finite(samples, tag, state, workdir):
 
 def _image_figure(workdir, tag, samples, prompts, title):
   if prompts is not None:
-    plotting.prompt_grid(wd.figure_path(workdir, tag), samples, prompts, title=title)
-  else:
-    plotting.image_grid(wd.figure_path(workdir, tag), samples, title=title)
+    return plotting.prompt_grid(wd.figure_path(workdir, tag), samples, prompts, title=title)
+  return plotting.image_grid(wd.figure_path(workdir, tag), samples, title=title)
 
 
 def sample_and_evaluate(config, workdir: str, state=None,
@@ -172,12 +172,15 @@ def sample_and_evaluate(config, workdir: str, state=None,
     metrics.update(sample_metrics(config, spec, samples, labels, rng))
   if spec.kind == "toy":
     ref, _ = spec.toy.sample(jax.random.fold_in(rng, 8), 5000)
-    plotting.scatter(wd.figure_path(workdir, tag), samples, ref, labels=labels,
-                     title=f"{config.data.name}: {tag} ({info['nfe']} NFE), step {int(state.step)}")
+    figure = plotting.scatter(
+        wd.figure_path(workdir, tag), samples, ref, labels=labels,
+        title=f"{config.data.name}: {tag} ({info['nfe']} NFE), step {int(state.step)}")
   else:
     metrics.update(_evaluate_samples(config, spec, workdir, samples, labels, prompts))
-    _image_figure(workdir, tag, samples, prompts, f"{tag}, step {int(state.step)}")
-  wd.MetricWriter(workdir).write(int(state.step), "sample", metrics)
+    figure = _image_figure(workdir, tag, samples, prompts, f"{tag}, step {int(state.step)}")
+  with summaries.writer(config, workdir) as writer:
+    writer.write(int(state.step), "sample", metrics)
+    writer.image(int(state.step), "sample", tag, figure)
   logging.info("Samples %s: %s", tag, {k: (round(v, 4) if isinstance(v, float) else v)
                                        for k, v in metrics.items() if not k.startswith("mode_share")})
   if (main_run and config.guidance.kind == "cfg"

@@ -15,7 +15,7 @@ from __future__ import annotations
 import contextlib
 import sys
 import time
-from typing import Iterator, Optional
+from typing import Callable, Iterator, Optional
 
 import jax
 import jax.numpy as jnp
@@ -145,7 +145,8 @@ def _progress(total: int, initial: int, enabled: bool, desc: str):
 def fit(objective, state: TrainState, batches: Iterator[dict], *, rng, lr_schedule,
         total: int, ckpt: "wd.Checkpointer", writer: "wd.MetricWriter", split: str = "train",
         log_every: int = 100, ckpt_every: Optional[int] = None, progress: bool = False,
-        nonfinite_hint: str = "", mesh=None) -> TrainState:
+        nonfinite_hint: str = "", mesh=None,
+        on_checkpoint: Optional[Callable[[int], None]] = None) -> TrainState:
   """Trains `state` from its step to `total` with objective.loss; returns the final state.
 
   Every `log_every` steps, before every checkpoint and at the end, the pending steps' loss,
@@ -153,7 +154,8 @@ def fit(objective, state: TrainState, batches: Iterator[dict], *, rng, lr_schedu
   naming the step and the last good checkpoint, before anything is saved) and the last
   step's metrics are written to `writer` under `split`, with
   steps_per_sec. A checkpoint is saved every `ckpt_every` steps (None: only at the end) and
-  at the end. The checkpointer is closed on the way out, also on errors.
+  at the end; `on_checkpoint(step)` runs after each save (e.g. to refresh the curve figure).
+  The checkpointer is closed on the way out, also on errors.
   """
   start = int(state.step)
   writer.drop_after(split, start)  # rows a killed run logged past its last checkpoint
@@ -203,6 +205,8 @@ def fit(objective, state: TrainState, batches: Iterator[dict], *, rng, lr_schedu
         if done % ckpt_every == 0 or done == total:
           flush(done)  # never checkpoint a state whose loss we have not checked
           ckpt.save(done, state)
+          if on_checkpoint is not None:
+            on_checkpoint(done)
   finally:
     if bar is not None:
       bar.close()

@@ -15,6 +15,7 @@ from experiments import data as data_lib
 from experiments import latent as latent_lib
 from experiments import mesh as mesh_lib
 from experiments import state as state_lib
+from experiments import summaries
 from experiments import workdir as wd
 from experiments.state import NonFiniteLossError, restore_or_create  # noqa: F401  (re-exported)
 from research.train_state import TrainState
@@ -31,7 +32,18 @@ def train(config, workdir: str) -> TrainState:
   mesh_lib.check_batch(config, mesh)
   state, ckpt = restore_or_create(config, workdir, objective, spec, quarantine=True, mesh=mesh)
   wd.write_config(workdir, config)  # after the restore: its check compares with the old one
-  writer = wd.MetricWriter(workdir)
+  try:
+    writer = summaries.writer(config, workdir)
+  except BaseException:
+    ckpt.close()
+    raise
+  try:
+    return _train(config, workdir, spec, objective, mesh, state, ckpt, writer)
+  finally:
+    writer.close()
+
+
+def _train(config, workdir, spec, objective, mesh, state, ckpt, writer) -> TrainState:
   start = int(state.step)
   total = config.train.steps
   n_params = sum(int(np.prod(p.shape)) for p in jax.tree.leaves(state.params))
@@ -44,6 +56,7 @@ def train(config, workdir: str) -> TrainState:
     writer.drop_after("info", -1)  # a run killed before its first checkpoint logged one
     writer.write(0, "info", {"num_params": n_params, "compute_dtype": config.train.compute_dtype,
                              **devices})
+  writer.text(start, "info", "config", "    " + config.to_json(indent=2).replace("\n", "\n    "))
   if start >= total:
     logging.info("Checkpoint already at step %d >= train.steps=%d: nothing to train.", start, total)
     ckpt.close()
@@ -55,4 +68,5 @@ def train(config, workdir: str) -> TrainState:
       total=total, ckpt=ckpt, writer=writer, split="train", log_every=config.train.log_every,
       ckpt_every=config.train.ckpt_every, progress=config.train.progress,
       nonfinite_hint="Try a lower optim.learning_rate, optim.grad_clip > 0, or --debug to "
-                     "find the first NaN.", mesh=mesh)
+                     "find the first NaN.", mesh=mesh,
+      on_checkpoint=lambda step: summaries.refresh_curves(workdir, "train"))

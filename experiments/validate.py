@@ -9,6 +9,7 @@ allowed names come from the library's registries and constants.
 """
 from __future__ import annotations
 
+import importlib.util
 import os
 from typing import Any, Dict
 
@@ -245,6 +246,23 @@ def _guidance(config):
          "is only trained by label dropout)")
 
 
+WANDB_MODES = ("offline", "online")
+
+
+def _logging(config):
+  boolean(config, "log.tensorboard")
+  boolean(config, "log.wandb")
+  choice(config, "log.wandb_mode", WANDB_MODES)
+  if not isinstance(config.log.wandb_project, str) or not config.log.wandb_project:
+    fail("log.wandb_project", config.log.wandb_project, "a non-empty project name")
+  if config.log.tensorboard and importlib.util.find_spec("tensorboardX") is None:
+    raise ConfigError("config.log.tensorboard=True needs the tensorboardX package, which is not "
+                      "installed: pip install tensorboardX, or set config.log.tensorboard=False.")
+  if config.log.wandb and importlib.util.find_spec("wandb") is None:
+    raise ConfigError("config.log.wandb=True needs the wandb package, which is not installed: "
+                      "pip install wandb, or set config.log.wandb=False.")
+
+
 def _devices(config):
   choice(config, "train.compute_dtype", ("float32", "bfloat16"))
   boolean(config, "model.remat")
@@ -328,6 +346,7 @@ def validate(config, mode: str = "train") -> None:
   _sampling_and_eval(config)
   _latent(config)
   _guidance(config)
+  _logging(config)
   _devices(config)
   if mode == "evaluate":
     likelihood_settings(config)

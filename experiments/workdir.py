@@ -3,7 +3,9 @@
   WorkdirLock(workdir)      fcntl lock on WORKDIR/.lock held by every mode that writes; a second
                             run on the same workdir is refused naming the holder's PID
   MetricWriter(workdir)     appends rows to metrics.jsonl; `drop_after` removes rows of a split
-                            past a restored step, so a resumed run logs each step once
+                            past a restored step, so a resumed run logs each step once; rows,
+                            figures and text also go to its sinks (TensorBoard, wandb: built
+                            by experiments/summaries.py from config.log)
   Checkpointer(workdir)     orbax CheckpointManager: a declined save raises, a restore falls
                             back over damaged steps to the newest good one, a checkpoint of a
                             different state is refused naming the config fields that changed
@@ -85,12 +87,19 @@ class WorkdirLock:
 
 
 class MetricWriter:
-  """Appends one JSON object per event to WORKDIR/metrics.jsonl (flushes every write)."""
+  """Appends one JSON object per event to WORKDIR/metrics.jsonl (flushes every write).
 
-  def __init__(self, workdir: str):
+  `sinks` receive the same rows (and figures, text): objects with
+  `write(step, split, row)`, `resume(split, step)`, `image(step, split, tag, path)`,
+  `text(step, split, tag, text)` and `close()`. Close the writer (or use it as a context
+  manager) so they finish their files.
+  """
+
+  def __init__(self, workdir: str, sinks=()):
     if is_writer():
       os.makedirs(workdir, exist_ok=True)
     self.path = os.path.join(workdir, "metrics.jsonl")
+    self.sinks = list(sinks) if is_writer() else []
 
   def write(self, step: int, split: str, metrics: Dict[str, Any]) -> None:
     if not is_writer():
@@ -99,10 +108,26 @@ class MetricWriter:
     row.update({k: _jsonable(v) for k, v in metrics.items()})
     with open(self.path, "a") as f:
       f.write(json.dumps(row) + "\n")
+    for sink in self.sinks:
+      sink.write(int(step), split, row)
+
+  def image(self, step: int, split: str, tag: str, path: Optional[str]) -> None:
+    """A figure file (PNG) to the sinks; None (not the writing process) is skipped."""
+    if path is None or not is_writer():
+      return
+    for sink in self.sinks:
+      sink.image(int(step), split, tag, path)
+
+  def text(self, step: int, split: str, tag: str, text: str) -> None:
+    for sink in self.sinks:
+      sink.text(int(step), split, tag, text)
 
   def drop_after(self, split: str, step: int) -> int:
     """Removes rows of `split` with a step > `step` (logged past a checkpoint a resumed run
-    restarts from); returns how many. The file is rewritten atomically."""
+    restarts from); returns how many. The file is rewritten atomically; the sinks hide their
+    own steps > `step` of that split."""
+    for sink in self.sinks:
+      sink.resume(split, int(step))
     if not is_writer() or not os.path.exists(self.path):
       return 0
     with open(self.path) as f:
@@ -120,13 +145,30 @@ class MetricWriter:
       atomic_write_bytes(self.path, "".join(keep).encode())
     return dropped
 
+  def close(self) -> None:
+    sinks, self.sinks = self.sinks, []
+    for sink in sinks:
+      sink.close()
+
+  def __enter__(self) -> "MetricWriter":
+    return self
+
+  def __exit__(self, *exc) -> None:
+    self.close()
+
 
 def read_metrics(workdir: str):
   path = os.path.join(workdir, "metrics.jsonl")
   if not os.path.exists(path):
     return []
+  rows = []
   with open(path) as f:
-    return [json.loads(line) for line in f if line.strip()]
+    for line in (l for l in f if l.strip()):
+      try:
+        rows.append(json.loads(line))
+      except json.JSONDecodeError:  # a torn last line of a killed run
+        continue
+  return rows
 
 
 def read_config(workdir: str) -> Optional[Dict[str, Any]]:

@@ -27,10 +27,11 @@ ALLOWED = {"kernels": {"kernels"}, "research": {"kernels", "research"},
 EXPERIMENT_FLOORS = [
     {"options", "plotting", "convert_inception_weights"},
     {"mesh", "workdir", "sweep_cells"},
-    {"data"},
+    {"data", "summaries"},
     {"builders", "state", "image_metrics"},
     {"validate", "latent", "sample"},
     {"train", "evaluate", "sweep", "guided"},
+    {"report"},
     {"main"},
 ]
 
