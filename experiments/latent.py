@@ -134,15 +134,8 @@ def train_autoencoder(config, workdir: str) -> Dict[str, Any]:
                           warmup_steps=min(int(la.warmup_steps), total // 2), total_steps=total,
                           weight_decay=0.0, grad_clip=config.optim.grad_clip)
   state = TrainState.create(params, tx, ema_decay=float(la.ema_decay))
-  ckpt = wd.Checkpointer(directory, keep=config.train.keep_ckpts)
-  try:
-    restored, step = ckpt.restore_newest_good(state, config=config, quarantine=True)
-  except BaseException:
-    ckpt.close()
-    raise
-  if restored is not None:
-    state = restored
-    logging.info("Stage 1: resumed from step %d in %s", step, ckpt.directory)
+  state, ckpt = state_lib.restore_newest(config, directory, state, quarantine=True,
+                                         what="Stage 1: resumed")
   wd.write_config(directory, config)
   start = int(state.step)
   n_params = sum(int(np.prod(p.shape)) for p in jax.tree.leaves(state.params))

@@ -281,3 +281,22 @@ def apply_overrides(config, overrides) -> None:
         node[parts[-1]] = value
     except (TypeError, ValueError) as e:
       raise ConfigError(f"--config.{key}={text!r} is not allowed: {e}.") from None
+
+
+def load_config(path_arg: str, overrides: Optional[Dict[str, Any]] = None, root: str = ""):
+  """The config of `file.py[:variant]` (relative to `root`) with {dotted field: value} set;
+  for scripts that build a run without the command line (benchmarks, test workers)."""
+  import importlib.util
+  import os
+  path, _, variant = path_arg.partition(":")
+  spec = importlib.util.spec_from_file_location("config_file", os.path.join(root, path))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  config = module.get_config(variant or None)
+  for key, value in (overrides or {}).items():
+    node = config
+    *parents, leaf = key.split(".")
+    for part in parents:
+      node = node[part]
+    node[leaf] = value
+  return config

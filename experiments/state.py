@@ -15,7 +15,7 @@ from __future__ import annotations
 import contextlib
 import sys
 import time
-from typing import Callable, Iterator, Optional
+from typing import Callable, Iterator, Optional, Tuple
 
 import jax
 import jax.numpy as jnp
@@ -71,15 +71,23 @@ def restore_or_create(config, workdir, objective, spec, *, quarantine: bool = Fa
   """
   rng = jax.random.PRNGKey(config.seed)
   state = create_state(config, objective, spec, jax.random.fold_in(rng, 0), mesh)
-  ckpt = wd.Checkpointer(workdir, keep=config.train.keep_ckpts)
-  try:  # restored into the shardings of `state`: any device count resumes any checkpoint
+  return restore_newest(config, workdir, state, quarantine=quarantine)
+
+
+def restore_newest(config, directory: str, state, *, quarantine: bool = False,
+                   what: str = "Resumed") -> Tuple[TrainState, "wd.Checkpointer"]:
+  """(state, checkpointer): `state` replaced by the newest good checkpoint in `directory`
+  (restored into the shardings of `state`: any device count resumes any checkpoint). The
+  checkpointer is closed if anything raises."""
+  ckpt = wd.Checkpointer(directory, keep=config.train.keep_ckpts)
+  try:
     restored, step = ckpt.restore_newest_good(state, config=config, quarantine=quarantine)
   except BaseException:
     ckpt.close()
     raise
   if restored is not None:
     state = restored
-    logging.info("Resumed from checkpoint at step %d in %s", step, ckpt.directory)
+    logging.info("%s from checkpoint at step %d in %s", what, step, ckpt.directory)
   return state, ckpt
 
 

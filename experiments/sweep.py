@@ -151,8 +151,11 @@ def report(config, workdir: str) -> str:
   """Rewrites the sweep tables from the stored cells (no sampling); returns the markdown."""
   spec = data_lib.build_data_spec(config)
   directory = os.path.join(workdir, CELLS_DIR)
-  stored = [json.load(open(os.path.join(directory, f))) for f in sorted(os.listdir(directory))
-            if f.endswith(".json")] if os.path.isdir(directory) else []
+  stored = []
+  for name in sorted(os.listdir(directory)) if os.path.isdir(directory) else []:
+    if name.endswith(".json"):
+      with open(os.path.join(directory, name)) as f:
+        stored.append(json.load(f))
   if not stored:
     raise ConfigError(f"no stored sweep cells in {directory}: run --mode=sweep first.")
   # The target of the newest cells (e.g. the latest checkpoint step).
@@ -173,7 +176,8 @@ def interval95(values) -> Tuple[float, float]:
   if len(v) < 2:
     return float(v.mean()), 0.0
   dof = len(v) - 1
-  t = _T975.get(dof) or next((_T975[k] for k in sorted(_T975) if k >= dof), 1.96)
+  # Between tabulated degrees of freedom, the next smaller one's t (a slightly wider interval).
+  t = _T975.get(dof) or _T975[max(k for k in _T975 if k <= dof)]
   return float(v.mean()), float(t * v.std(ddof=1) / math.sqrt(len(v)))
 
 

@@ -36,21 +36,6 @@ MODELS = {  # name -> (config, variant, overrides)
 }
 
 
-def _load_config(path: str, variant, overrides: Dict[str, Any]):
-  import importlib.util
-  spec = importlib.util.spec_from_file_location("cfg", os.path.join(ROOT, path))
-  mod = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(mod)
-  config = mod.get_config(variant)
-  for key, value in overrides.items():
-    node = config
-    *parents, leaf = key.split(".")
-    for p in parents:
-      node = node[p]
-    node[leaf] = value
-  return config
-
-
 def worker(model: str, smoke: bool, steps: int, repeats: int) -> Dict[str, Any]:
   """One device count (this process's): compile, measure memory, time the step."""
   import jax
@@ -59,8 +44,10 @@ def worker(model: str, smoke: bool, steps: int, repeats: int) -> Dict[str, Any]:
   from experiments import mesh as mesh_lib
   from experiments import state as state_lib
 
+  from experiments.options import load_config
   path, variant, overrides = MODELS[model]
-  config = _load_config(path, "tiny" if smoke else variant, overrides)
+  variant = "tiny" if smoke else variant
+  config = load_config(path + (f":{variant}" if variant else ""), overrides, ROOT)
   spec = data_lib.build_data_spec(config)
   objective = builders.build_objective(config, spec)
   mesh = mesh_lib.build_mesh(config)

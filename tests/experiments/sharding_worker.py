@@ -34,20 +34,9 @@ def _initialize(argv):
 
 
 def _config(path_arg: str, overrides: dict):
-  import importlib.util
-  path, _, variant = path_arg.partition(":")
+  from experiments.options import load_config
   root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-  spec = importlib.util.spec_from_file_location("cfg", os.path.join(root, path))
-  mod = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(mod)
-  config = mod.get_config(variant or None)
-  for key, value in overrides.items():
-    node = config
-    *parents, leaf = key.split(".")
-    for p in parents:
-      node = node[p]
-    node[leaf] = value
-  return config
+  return load_config(path_arg, overrides, root)
 
 
 def _train(job):

@@ -169,8 +169,9 @@ def test_tensorboard_off_writes_no_event_files(tmp_path):
   assert wd.read_metrics(str(tmp_path))[0]["loss"] == 1.0
 
 
-@pytest.mark.skipif(importlib.util.find_spec("wandb") is not None, reason="wandb is installed")
-def test_wandb_without_the_package_is_one_clear_error():
+def test_wandb_without_the_package_is_one_clear_error(monkeypatch):
+  monkeypatch.setitem(sys.modules, "wandb", None)  # as if not installed (find_spec -> None)
+  assert importlib.util.find_spec("wandb") is None
   with pytest.raises(ConfigError, match=r"config\.log\.wandb=True needs the wandb package"):
     validate.validate(_tiny(**{"log.wandb": True}), "train")
 
