@@ -42,6 +42,7 @@ def get_config(arg=None):
   m.remat = False                 # unet: rematerialise each block in the backward pass (less memory, more compute)
   m.transformer_resolutions = ()  # unet (latent text conditioning): resolutions (px) with cross-attention transformer blocks
   m.transformer_depth = 1         # unet: transformer blocks per cross-attention resolution
+  m.pooled_context = False        # unet (text): add the pooled caption embedding to the time embedding (SDXL)
 
   # --- objective ------------------------------------------------------------------------------
   c.objective = "diffusion"       # diffusion | flow | flow_matching | latent_diffusion

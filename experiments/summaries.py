@@ -7,7 +7,8 @@ TensorBoard layout: WORKDIR/tensorboard/<split>/ is one TensorBoard run per metr
 (train, classifier, sample, eval, guidance, info), so each split keeps its own step axis. A row
 that carries a "tag" (one sampling run such as "ddpm_1000", a sweep cell "sweep_ddim_20") has
 its scalars written as "<tag>/<name>"; figures go in as images under their tag, config.json as
-text. Written with tensorboardX (pure Python, no TensorFlow), by process 0 only.
+text. TensorBoard allows [A-Za-z0-9_./-] in names: "+" is written "p" (so "dpm_solver++_20"
+shows as "dpm_solverpp_20"), any other character as "_". Written with tensorboardX (pure Python, no TensorFlow), by process 0 only.
 
 Resume: MetricWriter.drop_after(split, S), called when training restarts from checkpoint S,
 makes the split's next event file start with purge_step=S+1. TensorBoard's readers (the
@@ -19,6 +20,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import time
 from typing import Any, Dict, Optional
 
@@ -37,6 +39,11 @@ def _scalars(row: Dict[str, Any]) -> Dict[str, float]:
   prefix = f"{tag}/" if isinstance(tag, str) and tag else ""
   return {prefix + k: float(v) for k, v in row.items()
           if k not in _NOT_SCALARS and isinstance(v, (bool, int, float))}
+
+
+def _tb_name(name: str) -> str:
+  """A TensorBoard-legal name (tensorboardX would rename it itself, warning once per scalar)."""
+  return re.sub(r"[^A-Za-z0-9_./-]", "_", name.replace("+", "p"))
 
 
 class TensorBoardSink:
@@ -69,7 +76,7 @@ class TensorBoardSink:
   def write(self, step: int, split: str, row: Dict[str, Any]) -> None:
     w = self._writer(split)
     for name, value in _scalars(row).items():
-      w.add_scalar(name, value, step)
+      w.add_scalar(_tb_name(name), value, step)
     w.flush()
 
   def image(self, step: int, split: str, tag: str, path: str) -> None:
@@ -77,12 +84,12 @@ class TensorBoardSink:
     with Image.open(path) as im:
       pixels = np.asarray(im.convert("RGB"))
     w = self._writer(split)
-    w.add_image(tag, pixels, step, dataformats="HWC")
+    w.add_image(_tb_name(tag), pixels, step, dataformats="HWC")
     w.flush()
 
   def text(self, step: int, split: str, tag: str, text: str) -> None:
     w = self._writer(split)
-    w.add_text(tag, text, step)
+    w.add_text(_tb_name(tag), text, step)
     w.flush()
 
   def close(self) -> None:

@@ -218,6 +218,9 @@ class UNet(nn.Module):
   context_dim: int = 0                      # 0: no cross-attention; else the context width
   transformer_resolutions: Sequence[int] = ()  # resolutions (px) with SpatialTransformers
   transformer_depth: int = 1                # TransformerBlocks per SpatialTransformer
+  pooled_context: bool = False              # also add the mean of the valid context tokens
+                                            # (projected) to the time embedding, as SDXL adds
+                                            # its pooled text embedding: a global condition
 
   def _check(self, x):
     if x.ndim != 4:
@@ -239,6 +242,8 @@ class UNet(nn.Module):
     if self.context_dim < 0 or self.transformer_depth < 1:
       raise ValueError(f"unet: context_dim={self.context_dim} must be >= 0 and "
                        f"transformer_depth={self.transformer_depth} >= 1.")
+    if self.pooled_context and not self.context_dim:
+      raise ValueError("unet: pooled_context=True needs context_dim > 0 (a context to pool).")
     if self.transformer_resolutions and not self.context_dim:
       raise ValueError(f"unet: transformer_resolutions={tuple(self.transformer_resolutions)} "
                        "needs context_dim > 0 (the width of the context it attends to).")
@@ -284,6 +289,12 @@ class UNet(nn.Module):
       if labels is None:
         labels = jnp.full((x.shape[0],), self.num_classes, jnp.int32)
       emb = emb + nn.Embed(self.num_classes + 1, emb_dim)(labels)
+    if self.context_dim and self.pooled_context:
+      # Mean over the valid tokens only (padding never enters); length 0 pools to zeros.
+      valid = jnp.arange(context.shape[1])[None, :] < context_lengths[:, None]
+      total = jnp.sum(jnp.where(valid[..., None], context, 0), axis=1)
+      pooled = total / jnp.maximum(context_lengths, 1)[:, None].astype(context.dtype)
+      emb = emb + nn.Dense(emb_dim, name="pooled_context")(pooled.astype(x.dtype))
     attn = set(int(r) for r in self.attn_resolutions)
     # Rematerialised blocks keep only their inputs for the backward pass. They are named as
     # the plain blocks would be, so remat on or off gives the same parameter tree.

@@ -211,3 +211,15 @@ def test_wandb_sink_logs_each_split_on_its_own_step_axis(tmp_path, monkeypatch):
   assert ("log", {"sample/ddpm_20/nfe": 21.0, "sample/step": 20}) in calls
   assert ("define_metric", "train/*", {"step_metric": "train/step"}) in calls
   assert calls[-1] == ("finish",)
+
+
+def test_tags_with_characters_tensorboard_refuses_are_renamed_silently(tmp_path):
+  # "dpm_solver++_20" is not a legal TensorBoard name; we write "dpm_solverpp_20" ourselves
+  # instead of letting tensorboardX warn once per scalar.
+  sink = summaries.TensorBoardSink(str(tmp_path))
+  sink.write(5, "sample", {"tag": "dpm_solver++_20", "nfe": 21, "fd shapes": 0.5})
+  sink.close()
+  acc = EventAccumulator(str(tmp_path / "sample"), size_guidance={"scalars": 0})
+  acc.Reload()
+  assert sorted(acc.Tags()["scalars"]) == ["dpm_solverpp_20/fd_shapes", "dpm_solverpp_20/nfe"]
+  assert acc.Scalars("dpm_solverpp_20/nfe")[0].value == 21.0

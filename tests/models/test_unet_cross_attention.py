@@ -18,9 +18,12 @@ def _random_params(model, *args, seed=0, **kwargs):
                       shapes)
 
 
-def test_cross_attention_never_attends_to_padding():
+@pytest.mark.parametrize("pooled", [False, True])
+def test_cross_attention_never_attends_to_padding(pooled):
+  # pooled: the mean of the valid tokens also enters the time embedding (SDXL-style).
   model = UNet(ch=8, ch_mult=(1,), num_res_blocks=1, attn_resolutions=(), num_heads=2,
-               context_dim=6, transformer_resolutions=(8,), attention_impl="xla")
+               context_dim=6, transformer_resolutions=(8,), attention_impl="xla",
+               pooled_context=pooled)
   rng = np.random.default_rng(0)
   x = jnp.asarray(rng.standard_normal((3, 8, 8, 2)), jnp.float32)
   t = jnp.asarray([0.2, 0.5, 0.9], jnp.float32)
@@ -28,6 +31,7 @@ def test_cross_attention_never_attends_to_padding():
   lengths = np.asarray([5, 2, 0], np.int32)
   params = _random_params(model, x, t, context=context, context_lengths=lengths)
   assert "SpatialTransformer_0" in params and "AttnBlock_0" not in params
+  assert ("pooled_context" in params) == pooled
   apply = jax.jit(lambda c, n: model.apply({"params": params}, x, t, context=c,
                                            context_lengths=n))
   out = np.asarray(apply(context, lengths))
@@ -99,6 +103,8 @@ def test_new_fields_fail_clearly():
   with pytest.raises(ValueError, match="in both attn_resolutions and transformer_resolutions"):
     init(UNet(ch=8, ch_mult=(1,), num_heads=2, attn_resolutions=(8,), context_dim=4,
               transformer_resolutions=(8,)))
+  with pytest.raises(ValueError, match="pooled_context=True needs context_dim > 0"):
+    init(UNet(ch=8, ch_mult=(1,), num_heads=2, attn_resolutions=(), pooled_context=True))
   with pytest.raises(ValueError, match="context_dim=4"):
     init(UNet(ch=8, ch_mult=(1,), num_heads=2, attn_resolutions=(), context_dim=4),
          context=jnp.zeros((1, 3, 5)))
