@@ -233,3 +233,40 @@ def test_expected_nfe_is_what_the_sampler_spends(name, options):
   assert samplers.expected_nfe(name, steps + 1, **options) > budget
   assert samplers.expected_nfe("ode_adaptive", 10) is None
   assert samplers.steps_for_nfe("ode_adaptive", 10) is None
+
+
+@pytest.mark.parametrize("sde", [VP, VE], ids=["vp", "ve"])
+def test_time_quadratic_grid_is_the_official_dpm_solver_one(sde):
+  """'time_quadratic': sqrt(t) equally spaced (DPM-Solver's skip_type), against float64 numpy;
+  'quadratic' (ours, t - eps quadratic in i/N) is a different grid."""
+  for steps in (3, 10, 50):
+    ref = np.linspace(np.sqrt(float(sde.T)), np.sqrt(float(sde.eps)), steps + 1)**2
+    t = np.asarray(samplers.time_grid(sde, steps, "time_quadratic"))
+    np.testing.assert_allclose(t, ref, rtol=1e-6, atol=0)
+    ours = np.asarray(samplers.time_grid(sde, steps, "quadratic"))
+    assert np.max(np.abs(ours - ref)) > 1e-4
+  # Every sampler taking `grid` accepts it (resolve: no compile); one runs on it.
+  for name in ("ddpm", "ddim", "euler_maruyama", "pc", "ode_euler", "heun", "dpm_solver++"):
+    assert samplers.get(name).resolve({"grid": "time_quadratic"}, VP, 4)["grid"] \
+        == "time_quadratic"
+  x, _ = samplers.sample("ddim", RING2.score_fn(VP), VP, (8, 2), jax.random.PRNGKey(0), steps=4,
+                         grid="time_quadratic")
+  assert bool(jnp.all(jnp.isfinite(x)))
+
+
+def test_lower_order_final_threshold_lowers_exactly_below_it():
+  """lower_order_final='auto' lowers the final order for steps < lower_order_final_below
+  (15 by default, diffusers; 10 the official DPM-Solver), bit for bit True below, False at or
+  above it; the lowering itself changes the result."""
+  fn, rng = RING2.score_fn(VP), jax.random.PRNGKey(3)
+  run = lambda steps, **kw: np.asarray(samplers.sample("dpm_solver++", fn, VP, (64, 2), rng,
+                                                       steps=steps, order=3, **kw)[0])
+  for steps in (9, 12):  # below both thresholds; between 10 and 15
+    low, high = run(steps, lower_order_final=True), run(steps, lower_order_final=False)
+    assert not np.array_equal(low, high)
+    for below in (10, 15):
+      auto = run(steps, lower_order_final="auto", lower_order_final_below=below)
+      np.testing.assert_array_equal(auto, low if steps < below else high)
+    np.testing.assert_array_equal(run(steps), low if steps < 15 else high)  # the default
+  with pytest.raises(ValueError, match="lower_order_final_below must be a positive int"):
+    run(5, lower_order_final_below=0)

@@ -26,7 +26,7 @@ from research import sharding
 from research.registry import Registry
 
 Array = jax.Array
-GRIDS = ("uniform", "quadratic", "logsnr", "edm")
+GRIDS = ("uniform", "quadratic", "logsnr", "edm", "time_quadratic")
 REGISTRY: Registry = Registry("sampler")
 
 
@@ -72,13 +72,13 @@ class SamplerSpec:
     return opts
 
 
-def _is_int(v) -> bool:
+def is_int(v) -> bool:
   return isinstance(v, (int, np.integer)) and not isinstance(v, (bool, np.bool_))
 
 
 def check_steps(name: str, steps) -> None:
   """steps: a positive Python or numpy int (not a bool, float or None)."""
-  if not _is_int(steps):
+  if not is_int(steps):
     raise TypeError(f"sampler {name!r}: steps must be a positive int, got {steps!r} "
                     f"({type(steps).__name__}).")
   if steps < 1:
@@ -87,7 +87,7 @@ def check_steps(name: str, steps) -> None:
 
 def check_shape(name: str, shape) -> Tuple[int, ...]:
   """shape: a non-empty tuple or list (B, *dims) of positive ints; returned as a tuple."""
-  if not isinstance(shape, (tuple, list)) or not all(_is_int(d) for d in shape):
+  if not isinstance(shape, (tuple, list)) or not all(is_int(d) for d in shape):
     raise TypeError(f"sampler {name!r}: shape must be a tuple (B, *dims) of positive ints, "
                     f"got {shape!r}.")
   if not shape or any(d < 1 for d in shape):
@@ -149,6 +149,9 @@ def time_grid(sde, steps: int, kind: str = "uniform", rho: float = 7.0) -> Array
   kind:
     "uniform"    equal steps in t.
     "quadratic"  t - eps proportional to (1 - i/N)^2: dense near the data (DDIM paper).
+    "time_quadratic"  sqrt(t) equally spaced from sqrt(T) to sqrt(eps): the official
+                 DPM-Solver's skip_type="time_quadratic" (t_i = (sqrt(T) + i/N (sqrt(eps) -
+                 sqrt(T)))^2); differs from "quadratic" by its eps offset, most at few steps.
     "logsnr"     equal steps in lambda = log(alpha^2 / sigma^2) (DPM-Solver).
     "edm"        EDM sigma^(1/rho) equally spaced (Karras et al. 2022, rho = 7).
   """
@@ -160,6 +163,8 @@ def time_grid(sde, steps: int, kind: str = "uniform", rho: float = 7.0) -> Array
     t = t_hi + (t_lo - t_hi) * u
   elif kind == "quadratic":
     t = t_lo + (t_hi - t_lo) * (1.0 - u)**2
+  elif kind == "time_quadratic":
+    t = (math.sqrt(t_hi) + (math.sqrt(t_lo) - math.sqrt(t_hi)) * u)**2
   elif kind == "logsnr":
     l_hi, l_lo = sde.logsnr(t_hi), sde.logsnr(t_lo)
     t = sde.t_from_logsnr(l_hi + (l_lo - l_hi) * u)
