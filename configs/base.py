@@ -177,5 +177,7 @@ def get_config(arg=None):
   sw.seeds = (0,)                 # repeats: metrics get a mean and a 95% interval over seeds
   sw.score = "model"              # model (the latest checkpoint) | exact (toy mixtures' true score: no checkpoint)
   sw.num_samples = 0              # samples per cell (0: sample.num_samples)
+  sw.guidance_scales = ()         # conditional models: CFG weights w as one more cell axis (0 unconditional, 1 conditional); () = no guidance
+  sw.train = ()                   # training variants, each trained in WORKDIR/runs/<entry>/ then sampled: ("diffusion.prediction='eps'", "diffusion.prediction='v'")
 
   return c

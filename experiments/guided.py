@@ -132,6 +132,16 @@ def train_classifier(config, workdir: str, spec, sde) -> Tuple[object, object]:
 
 
 # ---- guided score functions --------------------------------------------------------------
+def cfg_score_factory(objective, params, spec):
+  """make(labels [B], w) -> the classifier-free guided score_fn (a jax Partial)."""
+  if not objective.conditional:
+    raise ValueError("guidance.kind='cfg' needs a conditional model (data.conditional=True).")
+  model_fn = guidance.flax_model_fn(objective.model, params)
+  return lambda labels, scale: guidance.classifier_free_guidance(
+      model_fn, labels, scale, sde=objective.sde, prediction=objective.sampling_prediction,
+      null_label=spec.num_classes, sigma_data=objective.sigma_data)
+
+
 def guided_score_factory(config, objective, params, spec, classifier=None):
   """Returns make(labels [B], scale) -> score_fn, a jax Partial (one compile for all calls).
 
@@ -140,12 +150,7 @@ def guided_score_factory(config, objective, params, spec, classifier=None):
   kind = config.guidance.kind
   null = spec.num_classes
   if kind == "cfg":
-    if not objective.conditional:
-      raise ValueError("guidance.kind='cfg' needs a conditional model (data.conditional=True).")
-    model_fn = guidance.flax_model_fn(objective.model, params)
-    return lambda labels, scale: guidance.classifier_free_guidance(
-        model_fn, labels, scale, sde=objective.sde, prediction=objective.sampling_prediction,
-        null_label=null, sigma_data=objective.sigma_data)
+    return cfg_score_factory(objective, params, spec)
   if kind == "classifier":
     if classifier is None:
       raise ValueError("guidance.kind='classifier' needs the trained classifier (module, params).")
@@ -170,10 +175,15 @@ def guided_score_factory(config, objective, params, spec, classifier=None):
   raise ValueError(f"config.guidance.kind={kind!r}; guided sampling needs 'cfg' or 'classifier'.")
 
 
-def _draw(config, make_score, sde, dims, labels: np.ndarray, scale: float, rng, mesh=None):
-  """Samples for `labels` in equal-size chunks (the last one padded), so one compile serves."""
-  options = parse_options(config.sample.options)
-  options.setdefault("denoise", config.sample.denoise)
+def draw_guided(config, make_score, sde, dims, labels: np.ndarray, scale: float, rng,
+                mesh=None, sampler=None, steps=None, options=None):
+  """Samples for `labels` in equal-size chunks (the last one padded), so one compile serves;
+  returns (samples, nfe). sampler, steps, options default to config.sample's."""
+  if options is None:
+    options = parse_options(config.sample.options)
+    options.setdefault("denoise", config.sample.denoise)
+  sampler = config.sample.sampler if sampler is None else sampler
+  steps = config.sample.steps if steps is None else steps
   chunk = min(config.sample.batch_size, labels.shape[0])
   out, nfe = [], 0
   for i, start in enumerate(range(0, labels.shape[0], chunk)):
@@ -183,9 +193,8 @@ def _draw(config, make_score, sde, dims, labels: np.ndarray, scale: float, rng, 
       lab = np.concatenate([lab, np.resize(lab, chunk - n)])
     with mesh_lib.use(mesh):
       score_fn = make_score(jnp.asarray(lab, jnp.int32), jnp.float32(scale))
-      x, info = samplers.sample(config.sample.sampler, score_fn, sde, (chunk, *dims),
-                                jax.random.fold_in(rng, i), steps=config.sample.steps,
-                                **options)
+      x, info = samplers.sample(sampler, score_fn, sde, (chunk, *dims),
+                                jax.random.fold_in(rng, i), steps=steps, **options)
     out.append(mesh_lib.gather(x)[:n])
     nfe = int(info["nfe"])
   return np.concatenate(out, 0), nfe
@@ -255,8 +264,8 @@ def _guided_scales(config, workdir, objective, spec, make_score, params, step, w
     tag = scale_tag(config, scale)
     t0 = time.perf_counter()
     # Same rng at every scale: the scales are compared on the same initial noise.
-    samples, nfe = _draw(config, make_score, objective.sde, spec.dims, labels, float(scale), rng,
-                         mesh_lib.mesh_of(params))
+    samples, nfe = draw_guided(config, make_score, objective.sde, spec.dims, labels,
+                               float(scale), rng, mesh_lib.mesh_of(params))
     metrics: Dict[str, float] = {"tag": tag, "kind": config.guidance.kind,
                                  "scale": float(scale), "nfe": nfe,
                                  "sample_seconds": time.perf_counter() - t0}

@@ -1,14 +1,21 @@
-"""The cells of config.sweep: per-family option grids x step counts or NFE budgets x seeds.
+"""The cells of config.sweep: training variants x per-family option grids x step counts or NFE
+budgets x guidance scales x seeds.
 
   parse_grid("ddim: eta=0|0.5, grid=uniform|quadratic; heun: S_churn=0|10")
   variants(config)   (sampler, options) in config order: the grid products, then sweep.cells
-  cells(config)      every cell {sampler, options, steps, nfe_budget, seed}
+  train_variants(config)   (text, run name, config) of each sweep.train entry: the config with
+                     that entry's overrides (e.g. "diffusion.prediction=eps"), trained in
+                     WORKDIR/runs/<run name>/
+  cells(config)      every cell {sampler, options, steps, nfe_budget, seed}, plus
+                     guidance_scale (sweep.guidance_scales) and train (sweep.train) when set
   check(config, objective)   validate's checks of every cell (before anything compiles)
 """
 from __future__ import annotations
 
+import copy
 import itertools
 import json
+import re
 from typing import Any, Dict, List, Optional, Tuple
 
 from experiments.options import ConfigError, parse_options
@@ -84,14 +91,70 @@ def _step_counts(config, name: str, options: Dict[str, Any]) -> List[Tuple[int, 
   return [(int(s), None) for s in config.sweep.steps]
 
 
+def run_name(text: str) -> str:
+  """The WORKDIR/runs/ directory name of a training variant: "diffusion.prediction='eps',
+  diffusion.loss='eps'" -> "diffusion.prediction=eps+diffusion.loss=eps" (quotes and spaces
+  dropped, other characters outside [A-Za-z0-9._=+-] as "_")."""
+  name = re.sub(r"[\s'\"]+", "", text).replace(",", "+")
+  return re.sub(r"[^A-Za-z0-9._=+-]+", "_", name) or "base"
+
+
+def train_variants(config) -> List[Tuple[str, str, Any]]:
+  """(text, run name, config with the overrides) of each sweep.train entry, in order.
+
+  An entry is "a.b=v, c.d=w" (values as Python literals, else strings); the sweep fields are
+  kept, so each variant is sampled with the same grid."""
+  entries = config.sweep.train
+  if isinstance(entries, str) or not isinstance(entries, (tuple, list)):
+    raise ConfigError(f"config.sweep.train={entries!r} is not allowed: a tuple of override "
+                      "strings, e.g. (\"diffusion.prediction='eps'\", \"diffusion.prediction='v'\")"
+                      " (one item needs the comma).")
+  out, names = [], set()
+  for text in entries:
+    overrides = parse_options(str(text), "sweep.train")
+    if not overrides:
+      raise ConfigError(f"config.sweep.train: entry {text!r} has no 'field=value' overrides.")
+    sub = copy.deepcopy(config)
+    with sub.unlocked():
+      for key, value in overrides.items():
+        node, (*path, last) = sub, key.split(".")
+        for part in path:
+          node = node[part] if part in node else None
+          if node is None:
+            break
+        if node is None or not hasattr(node, "keys") or last not in node:
+          raise ConfigError(f"config.sweep.train: entry {text!r} overrides {key!r}, which is not "
+                            "a config field.")
+        if key.startswith("sweep."):
+          raise ConfigError(f"config.sweep.train: entry {text!r} overrides {key!r}; a training "
+                            "variant may not change the sweep itself.")
+        node[last] = value
+      sub.sweep.train = ()
+    name = run_name(str(text))
+    if name in names:
+      raise ConfigError(f"config.sweep.train: two entries share the run directory {name!r}.")
+    names.add(name)
+    out.append((str(text), name, sub))
+  return out
+
+
 def cells(config) -> List[Dict[str, Any]]:
-  """Every cell of config.sweep, in order."""
+  """Every cell of config.sweep, in order (training variant outermost, seed innermost)."""
+  trains = [t for t, _, _ in train_variants(config)] if config.sweep.train else [None]
+  scales = tuple(config.sweep.guidance_scales) or (None,)
   out = []
-  for name, options in variants(config):
-    for steps, budget in _step_counts(config, name, options):
-      for seed in config.sweep.seeds:
-        out.append({"sampler": name, "options": dict(sorted(options.items())),
-                    "steps": int(steps), "nfe_budget": budget, "seed": int(seed)})
+  for train in trains:
+    for name, options in variants(config):
+      for steps, budget in _step_counts(config, name, options):
+        for w in scales:
+          for seed in config.sweep.seeds:
+            cell = {"sampler": name, "options": dict(sorted(options.items())),
+                    "steps": int(steps), "nfe_budget": budget, "seed": int(seed)}
+            if w is not None:
+              cell["guidance_scale"] = float(w)
+            if train is not None:
+              cell["train"] = train
+            out.append(cell)
   return out
 
 
@@ -108,6 +171,26 @@ def check(config, objective) -> None:
     if isinstance(b, bool) or not isinstance(b, int) or b < 1:
       raise ConfigError(f"config.sweep.nfe={tuple(config.sweep.nfe)!r} is not allowed: "
                         "positive integers (NFE budgets), or () to use sweep.steps.")
+  scales = config.sweep.guidance_scales
+  if (isinstance(scales, str) or not isinstance(scales, (tuple, list))
+      or any(isinstance(w, bool) or not isinstance(w, (int, float)) or not w >= 0
+             for w in scales)):
+    raise ConfigError(f"config.sweep.guidance_scales={scales!r} is not allowed: a tuple of "
+                      "numbers >= 0 (CFG weights w: 0 unconditional, 1 conditional), or ().")
+  if scales:
+    if config.sweep.score != "model":
+      raise ConfigError("config.sweep.guidance_scales needs sweep.score='model' (a trained "
+                        "conditional model); the exact score is not guided.")
+    if not config.data.conditional:
+      raise ConfigError("config.sweep.guidance_scales needs a class-conditional model "
+                        "(data.conditional=True), or ().")
+    if config.diffusion.p_uncond <= 0:
+      raise ConfigError(f"config.sweep.guidance_scales needs diffusion.p_uncond > 0 (got "
+                        f"{config.diffusion.p_uncond}): the unconditional model is trained by "
+                        "label dropout.")
+  if config.sweep.train and config.sweep.score != "model":
+    raise ConfigError("config.sweep.train needs sweep.score='model' (each variant is trained, "
+                      "then sampled); the exact score needs no training.")
   all_cells = cells(config)
   if not all_cells:
     raise ConfigError("config.sweep has no cells: every NFE budget is below one step of "

@@ -351,3 +351,9 @@ def validate(config, mode: str = "train") -> None:
   if mode == "evaluate":
     likelihood_settings(config)
   _objective(config, mode)
+  if mode == "sweep" and config.sweep.train:
+    for text, _, sub in sweep_cells.train_variants(config):
+      try:  # each training variant must be a config that trains
+        validate(sub, "train")
+      except ConfigError as e:
+        raise ConfigError(f"config.sweep.train entry {text!r}: {e}") from None

@@ -111,3 +111,78 @@ def test_sweep_options_seeds_intervals_resume_and_report(tmp_path):
   c2 = _config(**{"sweep.cells": ("ddim: eta=0.5",)})
   sweep_lib.sweep(c2, workdir)
   assert len(list(cell_dir.iterdir())) == 24 + 2 * 3
+
+
+def _trained_tiny(config, workdir, steps=20):
+  from experiments import train as train_lib  # pylint: disable=import-outside-toplevel
+  config.train.steps = steps
+  train_lib.train(config, workdir)
+  return config
+
+
+def test_guidance_scales_are_a_cell_axis(tmp_path):
+  """sweep.guidance_scales: cells (sampler, options, steps, w, seed) on a conditional model;
+  w = 1 is the conditional model (the unguided cell to float32 rounding), w changes samples."""
+  from configs.toy import ring_guided  # pylint: disable=import-outside-toplevel
+  workdir = str(tmp_path)
+  c = _trained_tiny(ring_guided.get_config("tiny"), workdir, steps=30)
+  c.sample.num_samples = c.sample.batch_size = 64
+  c.sweep.score, c.sweep.samplers, c.sweep.grid = "model", ("ddim",), ""
+  c.sweep.steps, c.sweep.nfe, c.sweep.seeds = (4,), (), (0, 1)
+  c.sweep.guidance_scales = (0.0, 1.0, 4.0)
+  validate.validate(c, mode="sweep")
+  assert [(x["guidance_scale"], x["seed"]) for x in sweep_cells.cells(c)] == [
+      (0.0, 0), (0.0, 1), (1.0, 0), (1.0, 1), (4.0, 0), (4.0, 1)]
+  rows = {r["guidance_scale"]: r for r in sweep_lib.sweep(c, workdir)}
+  assert sorted(rows) == [0.0, 1.0, 4.0] and all(r["seeds"] == 2 for r in rows.values())
+  assert 0.0 <= rows[4.0]["accuracy"] <= 1.0
+  assert rows[0.0]["sliced_wasserstein"] != rows[4.0]["sliced_wasserstein"]
+  assert rows[0.0]["accuracy"] != rows[4.0]["accuracy"]
+  assert "w=4" in (tmp_path / "sweep" / "results.md").read_text()
+  assert (tmp_path / "sweep" / "quality_vs_guidance.png").stat().st_size > 1000
+  # The same cells without guidance (conditional sampling) = the w = 1 row.
+  c.sweep.guidance_scales = ()
+  (plain,) = sweep_lib.sweep(c, workdir)
+  for k in ("sliced_wasserstein", "accuracy", "cond_std_ratio"):
+    np.testing.assert_allclose(plain[k], rows[1.0][k], rtol=1e-3, atol=1e-3)
+  for over, match in [({"sweep.guidance_scales": (-1.0,)}, "sweep.guidance_scales"),
+                      ({"sweep.guidance_scales": (2.0,), "data.conditional": False},
+                       "class-conditional")]:
+    with pytest.raises(ConfigError, match=match):
+      validate.validate(_config(**{"sweep.score": "model", **over}), mode="sweep")
+
+
+def test_a_training_sweep_with_two_cells_trains_two_runs(tmp_path):
+  """sweep.train: each entry trained in WORKDIR/runs/<entry>/ and sampled; a rerun trains and
+  samples nothing again; --mode=report rebuilds the same table."""
+  entries = ("diffusion.prediction='eps'", "diffusion.prediction='v'")
+  c = _config(**{"sweep.score": "model", "sweep.samplers": ("ddim",), "sweep.grid": "",
+                 "sweep.nfe": (5,), "sweep.seeds": (0, 1), "sweep.train": entries,
+                 "train.steps": 6})
+  validate.validate(c, mode="sweep")
+  workdir = str(tmp_path)
+  rows = sweep_lib.sweep(c, workdir)
+  runs = sorted(p.name for p in (tmp_path / "runs").iterdir())
+  assert runs == ["diffusion.prediction=eps", "diffusion.prediction=v"]
+  for name, want in zip(runs, ("eps", "v")):
+    cfg = json.loads((tmp_path / "runs" / name / "config.json").read_text())
+    assert cfg["diffusion"]["prediction"] == want and cfg["train"]["steps"] == 6
+    assert (tmp_path / "runs" / name / "checkpoints" / "6").is_dir()
+  assert [(r["train"], r["seeds"]) for r in rows] == [(e, 2) for e in entries]
+  assert rows[0]["sliced_wasserstein"] != rows[1]["sliced_wasserstein"]  # two different models
+  table = (tmp_path / "sweep" / "results.md").read_text()
+  assert all(f"[{e}]" in table for e in entries)
+  stamps = {str(p): p.stat().st_mtime_ns for p in tmp_path.rglob("*") if p.is_file()
+            and "sweep" not in p.parts}
+  assert len(list((tmp_path / "sweep" / "cells").iterdir())) == 4
+  sweep_lib.sweep(c, workdir)  # nothing to train or sample again
+  assert {str(p): p.stat().st_mtime_ns for p in tmp_path.rglob("*") if p.is_file()
+          and "sweep" not in p.parts} == stamps
+  os.remove(tmp_path / "sweep" / "results.md")
+  assert sweep_lib.report(c, workdir) == table
+  with pytest.raises(ConfigError, match="sweep.train entry .*optim.learning_rate"):
+    validate.validate(_config(**{"sweep.score": "model",
+                                 "sweep.train": ("optim.learning_rate=-1.0",)}), mode="sweep")
+  with pytest.raises(ConfigError, match="not a config field"):
+    validate.validate(_config(**{"sweep.score": "model", "sweep.train": ("diffusion.predict=1",)}),
+                      mode="sweep")
