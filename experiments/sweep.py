@@ -87,7 +87,7 @@ class _Target:
   def __init__(self, config, workdir: str, spec):
     self.config, self.spec = config, spec
     self.objective = builders.build_objective(config, spec, workdir)
-    self.mesh = None
+    self.mesh, self.devices = None, 1
     if config.sweep.score == "exact":
       self.gmm = _exact_mixture(spec)
       self.score = self.gmm.score_fn(self.objective.sde)
@@ -98,6 +98,8 @@ class _Target:
     state = restore_trained(config, workdir, self.objective, spec)
     self.params = state.ema_params if config.sample.use_ema else state.params
     self.key = {"score": "model", "checkpoint_step": int(state.step)}
+    mesh = mesh_lib.mesh_of(self.params)  # draw_samples splits each batch over it
+    self.devices = 1 if mesh is None else int(mesh.devices.size)
 
   def labels(self, num: int) -> Optional[np.ndarray]:
     """A conditional model's labels: every class in equal shares, in order."""
@@ -117,6 +119,7 @@ class _Target:
           x, info = samplers_lib.sample(cell["sampler"], self.score, self.objective.sde,
                                         (n, *dims), jax.random.fold_in(rng, i),
                                         steps=cell["steps"], **cell["options"])
+          self.devices = max(self.devices, len(x.sharding.device_set))
           out.append(mesh_lib.gather(x))
           nfe = int(info["nfe"])
       return np.concatenate(out, 0), nfe
@@ -156,7 +159,8 @@ def _run_cell(config, target: _Target, cell) -> Dict[str, Any]:
     metrics.update({"accuracy": cond["accuracy"], "cond_std_ratio": cond["std_ratio"]})
   metrics = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))
              and not k.startswith("mode_share")}
-  return {**cell, "nfe": nfe, "seconds_per_sample": seconds / num, "metrics": metrics}
+  return {**cell, "nfe": nfe, "seconds_per_sample": seconds / num, "devices": target.devices,
+          "metrics": metrics}
 
 
 def run_dir(workdir: str, name: str) -> str:
@@ -289,7 +293,7 @@ def aggregate(results: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
     row = {"sampler": first["sampler"], "options": first["options"], "steps": first["steps"],
            **{k: first[k] for k in ("guidance_scale", "train") if k in first},
            "nfe_budget": first.get("nfe_budget"), "nfe": float(np.mean([m["nfe"] for m in members])),
-           "seeds": len(members),
+           "seeds": len(members), "devices": max(m.get("devices", 1) for m in members),
            # warm: the fastest seed (the first one of a new shape also compiles)
            "seconds_per_sample": min(m["seconds_per_sample"] for m in members)}
     for k in sorted(first["metrics"]):
@@ -328,12 +332,12 @@ def _write_tables(config, workdir, spec, target_keys, todo) -> List[Dict]:
   out = os.path.join(workdir, "sweep")
   axes = [k for k in ("guidance_scale", "train") if any(k in r for r in rows)]
   metric_keys = sorted({k for r in rows for k in r} - {"sampler", "options", "steps", "nfe",
-                                                        "nfe_budget", "seeds",
+                                                        "nfe_budget", "seeds", "devices",
                                                         "seconds_per_sample", *axes})
   option_keys = sorted({k for r in rows for k in r["options"]})
   keys = [k for k in ("train",) if k in axes] + ["sampler", *option_keys, "steps"] + [
       k for k in ("guidance_scale",) if k in axes] + [
-          "nfe_budget", "nfe", "seeds", "seconds_per_sample", *metric_keys]
+          "nfe_budget", "nfe", "seeds", "devices", "seconds_per_sample", *metric_keys]
   flat = [{**{k: r["options"].get(k, "") for k in option_keys}, **r} for r in rows]
   wd.atomic_write_bytes(os.path.join(out, "results.json"), json.dumps(
       {"target": target_key, "headline": headline, "rows": rows}, indent=1).encode())

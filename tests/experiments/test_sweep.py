@@ -186,3 +186,32 @@ def test_a_training_sweep_with_two_cells_trains_two_runs(tmp_path):
   with pytest.raises(ConfigError, match="not a config field"):
     validate.validate(_config(**{"sweep.score": "model", "sweep.train": ("diffusion.predict=1",)}),
                       mode="sweep")
+
+
+def test_cells_split_over_two_devices_agree_with_one(tmp_path):
+  """With two visible devices (simulated CPUs in a subprocess) each cell's batch is sampled
+  split over both; the stored metrics equal the one-device run's to float32 rounding."""
+  import subprocess  # pylint: disable=import-outside-toplevel
+  import sys  # pylint: disable=import-outside-toplevel
+  over = ["--config.sweep.samplers=('ddim','dpm_solver++')", "--config.sweep.grid=",
+          "--config.sweep.nfe=(6,)", "--config.sweep.seeds=(0,)"]
+  root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+  env = {**os.environ, "JAX_PLATFORMS": "cpu",
+         "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
+  two = tmp_path / "two"
+  proc = subprocess.run([sys.executable, "-m", "experiments.main",
+                         "--config=configs/sweeps/ring_exact.py:tiny", f"--workdir={two}",
+                         "--mode=sweep", *over], cwd=root, env=env, capture_output=True,
+                        text=True, timeout=600)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  from configs.sweeps import ring_exact  # pylint: disable=import-outside-toplevel
+  c = ring_exact.get_config("tiny")
+  c.sweep.samplers, c.sweep.grid = ("ddim", "dpm_solver++"), ""
+  c.sweep.nfe, c.sweep.seeds = (6,), (0,)
+  one = {r["sampler"]: r for r in sweep_lib.sweep(c, str(tmp_path / "one"))}
+  got = {r["sampler"]: r for r in json.loads((two / "sweep" / "results.json").read_text())["rows"]}
+  assert sorted(got) == sorted(one) == ["ddim", "dpm_solver++"]
+  for name in one:
+    assert got[name]["devices"] == 2 and one[name]["devices"] == 1
+    for k in ("logp_gap", "sliced_wasserstein", "std_ratio"):
+      np.testing.assert_allclose(got[name][k], one[name][k], rtol=1e-4, atol=1e-5)
