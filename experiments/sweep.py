@@ -88,16 +88,18 @@ class _Target:
     self.config, self.spec = config, spec
     self.objective = builders.build_objective(config, spec, workdir)
     self.mesh, self.devices = None, 1
+    # Part of every cell's key: a cell drawn with another sample count is another result.
+    num = int(config.sweep.num_samples or config.sample.num_samples)
     if config.sweep.score == "exact":
       self.gmm = _exact_mixture(spec)
       self.score = self.gmm.score_fn(self.objective.sde)
-      self.key = {"score": "exact"}
+      self.key = {"score": "exact", "num_samples": num}
       self.params = None
       self.mesh = mesh_lib.build_mesh(config) if jax.device_count() > 1 else None
       return
     state = restore_trained(config, workdir, self.objective, spec)
     self.params = state.ema_params if config.sample.use_ema else state.params
-    self.key = {"score": "model", "checkpoint_step": int(state.step)}
+    self.key = {"score": "model", "checkpoint_step": int(state.step), "num_samples": num}
     mesh = mesh_lib.mesh_of(self.params)  # draw_samples splits each batch over it
     self.devices = 1 if mesh is None else int(mesh.devices.size)
 
@@ -235,9 +237,13 @@ def report(config, workdir: str) -> str:
         stored.append(json.load(f))
   if not stored:
     raise ConfigError(f"no stored sweep cells in {directory}: run --mode=sweep first.")
-  # Per training variant, the target of its newest cells (e.g. the latest checkpoint step).
+  # Per training variant, the target of its newest cells (e.g. the latest checkpoint step)
+  # drawn with this config's sample count.
+  num = int(config.sweep.num_samples or config.sample.num_samples)
   keys: Dict[Optional[str], Dict[str, Any]] = {}
   for c in stored:
+    if c["target"].get("num_samples") != num:
+      continue
     old = keys.get(c.get("train"))
     if old is None or c["target"].get("checkpoint_step", -1) > old.get("checkpoint_step", -1):
       keys[c.get("train")] = c["target"]
