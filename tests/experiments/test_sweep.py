@@ -72,6 +72,8 @@ def test_sweep_options_seeds_intervals_resume_and_report(tmp_path):
   cell_dir = tmp_path / "sweep" / "cells"
   stored = [json.loads(p.read_text()) for p in cell_dir.iterdir()]
   assert len(stored) == 24
+  # keyed by the sample count too (another sweep.num_samples is another result)
+  assert all(s["target"] == {"score": "exact", "num_samples": 128} for s in stored)
   vals = [s["metrics"]["logp_gap"] for s in stored
           if s["sampler"] == "ddim" and s["options"]["eta"] == 1.0 and s["nfe_budget"] == 12]
   assert len(vals) == 3 and len(set(vals)) == 3
