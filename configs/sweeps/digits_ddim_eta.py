@@ -14,8 +14,8 @@ cell (a 95% t-interval from 3 values is wide, t = 4.30; at 359 samples fd_digits
 on 359 images. Our "quadratic" grid (dense near the data) stands in for the paper's quadratic
 CIFAR-10 schedule; the final Tweedie denoise (sample.denoise) adds one NFE to every cell.
 Measured (README "Digits sweeps"): 40 min wall, 13.4 min CPU on the shared, loaded 2-core CPU
-(about 15-20 min on an idle one); the per-seed spread of fd_digits at 359 samples is larger
-than the eta effect, so more seeds (--config.sweep.seeds) or samples are what to buy next.
+(over the 20-min aim because of the load); the per-seed spread of fd_digits at 359 samples is
+larger than the eta effect, so more seeds (--config.sweep.seeds) or samples are what to buy next.
 `:tiny` is the same on the tiny digits model for tests and smoke checks.
 """
 from configs.common import parse_arg

@@ -217,3 +217,16 @@ def test_cells_split_over_two_devices_agree_with_one(tmp_path):
     assert got[name]["devices"] == 2 and one[name]["devices"] == 1
     for k in ("logp_gap", "sliced_wasserstein", "std_ratio"):
       np.testing.assert_allclose(got[name][k], one[name][k], rtol=1e-4, atol=1e-5)
+
+
+def test_provided_digits_sweeps_validate_with_the_documented_cells():
+  from configs.sweeps import digits_cfg, digits_ddim_eta  # pylint: disable=import-outside-toplevel
+  for module, arg, count in [(digits_ddim_eta, None, 60), (digits_ddim_eta, "tiny", 16),
+                             (digits_cfg, None, 108), (digits_cfg, "tiny", 12)]:
+    c = module.get_config(arg)
+    validate.validate(c, mode="sweep")
+    assert len(sweep_cells.cells(c)) == count, (module.__name__, arg)
+  etas = {c["options"]["eta"] for c in sweep_cells.cells(digits_ddim_eta.get_config())}
+  assert etas == {0.0, 0.2, 0.5, 1.0}
+  scales = {c["guidance_scale"] for c in sweep_cells.cells(digits_cfg.get_config())}
+  assert scales == {0.0, 1.0, 2.0, 4.0}
