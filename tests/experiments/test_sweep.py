@@ -195,7 +195,7 @@ def test_cells_split_over_two_devices_agree_with_one(tmp_path):
   split over both; the stored metrics equal the one-device run's to float32 rounding."""
   import subprocess  # pylint: disable=import-outside-toplevel
   import sys  # pylint: disable=import-outside-toplevel
-  over = ["--config.sweep.samplers=('ddim','dpm_solver++')", "--config.sweep.grid=",
+  over = ["--config.sweep.samplers=('dpm_solver++',)", "--config.sweep.grid=",
           "--config.sweep.nfe=(6,)", "--config.sweep.seeds=(0,)"]
   root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
   env = {**os.environ, "JAX_PLATFORMS": "cpu",
@@ -208,11 +208,11 @@ def test_cells_split_over_two_devices_agree_with_one(tmp_path):
   assert proc.returncode == 0, proc.stderr[-3000:]
   from configs.sweeps import ring_exact  # pylint: disable=import-outside-toplevel
   c = ring_exact.get_config("tiny")
-  c.sweep.samplers, c.sweep.grid = ("ddim", "dpm_solver++"), ""
+  c.sweep.samplers, c.sweep.grid = ("dpm_solver++",), ""
   c.sweep.nfe, c.sweep.seeds = (6,), (0,)
   one = {r["sampler"]: r for r in sweep_lib.sweep(c, str(tmp_path / "one"))}
   got = {r["sampler"]: r for r in json.loads((two / "sweep" / "results.json").read_text())["rows"]}
-  assert sorted(got) == sorted(one) == ["ddim", "dpm_solver++"]
+  assert sorted(got) == sorted(one) == ["dpm_solver++"]
   for name in one:
     assert got[name]["devices"] == 2 and one[name]["devices"] == 1
     for k in ("logp_gap", "sliced_wasserstein", "std_ratio"):
