@@ -47,12 +47,12 @@ def get_config(arg=None):
   # --- objective ------------------------------------------------------------------------------
   c.objective = "diffusion"       # diffusion | flow | flow_matching | latent_diffusion
   c.diffusion = df = ml_collections.ConfigDict()
-  df.sde = "vp"                   # vp | subvp | ve
+  df.sde = "vp"                   # vp | subvp | ve | edm (x_t = x_0 + t noise, t in [sigma_min, sigma_max])
   df.beta_min = 0.1               # vp/subvp: beta(t) at t=0
   df.beta_max = 20.0              # vp/subvp: beta(t) at t=1
   df.schedule = "linear"          # vp/subvp noise schedule: linear (beta_min..beta_max) | cosine | scaled_linear
-  df.sigma_min = 0.01             # ve: smallest noise level
-  df.sigma_max = 50.0             # ve: largest noise level
+  df.sigma_min = 0.01             # ve/edm: smallest noise level (EDM: 0.002)
+  df.sigma_max = 50.0             # ve/edm: largest noise level (EDM: 80)
   df.loss = "ddpm"                # ddpm | dsm | v | edm
   df.prediction = "eps"           # what the network predicts: eps | x0 | v | score
   df.weighting = "uniform"        # dsm loss weighting: uniform | likelihood

@@ -87,7 +87,7 @@ def build_sde(config):
     schedule = None if df.get("schedule", "linear") == "linear" else df.schedule
     return sde_lib.get_sde(df.sde, beta_min=df.beta_min, beta_max=df.beta_max,
                            schedule=schedule)
-  return sde_lib.get_sde(df.sde, sigma_min=df.sigma_min, sigma_max=df.sigma_max)
+  return sde_lib.get_sde(df.sde, sigma_min=df.sigma_min, sigma_max=df.sigma_max)  # ve, edm
 
 
 def _diffusion(config, spec: DataSpec, workdir=None):

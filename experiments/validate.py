@@ -108,7 +108,7 @@ def _diffusion(config):
   positive_float(config, "diffusion.beta_max")
   if df.beta_max <= df.beta_min:
     fail("diffusion.beta_max", df.beta_max, f"a number > diffusion.beta_min={df.beta_min}")
-  if df.sde == "ve":
+  if df.sde in ("ve", "edm"):
     positive_float(config, "diffusion.sigma_min")
     positive_float(config, "diffusion.sigma_max")
     if df.sigma_max <= df.sigma_min:
