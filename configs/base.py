@@ -56,6 +56,9 @@ def get_config(arg=None):
   df.loss = "ddpm"                # ddpm | dsm | v | edm
   df.prediction = "eps"           # what the network predicts: eps | x0 | v | score
   df.weighting = "uniform"        # dsm loss weighting: uniform | likelihood
+  df.sigma_data = 0.5             # edm loss: data std of the preconditioning (EDM: 0.5 for [-1, 1] images)
+  df.p_mean = -1.2                # edm loss: ln(sigma) ~ N(p_mean, p_std^2) in training (EDM's values)
+  df.p_std = 1.2                  # edm loss: see p_mean
   df.p_uncond = 0.0               # label dropout rate (trains the unconditional model for CFG)
 
   # --- optimisation ---------------------------------------------------------------------------
