@@ -131,8 +131,8 @@ def get_config(arg=None):
   g.kind = "none"                 # none | cfg (classifier-free) | classifier (noise-conditional classifier)
   g.scales = (0.0, 1.0, 3.0)      # cfg: w (0 = unconditional, 1 = conditional); classifier: s
   g.classifier_steps = 2000       # classifier guidance: training steps of the noise-conditional classifier
-  g.classifier_hidden = 128       # classifier guidance: classifier width
-  g.classifier_depth = 3          # classifier guidance: classifier residual blocks
+  g.classifier_hidden = 128       # classifier guidance: classifier width (images: base channels, x model.ch_mult per level)
+  g.classifier_depth = 3          # classifier guidance: classifier residual blocks (images: per level)
   g.classifier_learning_rate = 1e-3  # classifier guidance: peak AdamW rate (warmup, cosine decay)
   g.classifier_base = "unconditional"  # classifier guidance: score the gradient is added to: unconditional (null label; s=1 is exact Bayes) | conditional (Dhariwal & Nichol)
   g.samples_per_class = 1000      # samples drawn per class at each scale after training

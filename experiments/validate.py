@@ -234,9 +234,6 @@ def _guidance(config):
   positive_int(config, "guidance.samples_per_class")
   if g.kind != "classifier":
     return
-  if not data_lib.is_toy(config):
-    fail("guidance.kind", g.kind, "'classifier' only for vector (toy) data: the "
-         "noise-conditional classifier (research/models/noise_classifier.py) takes [B, D]")
   positive_int(config, "guidance.classifier_steps")
   positive_int(config, "guidance.classifier_hidden")
   positive_int(config, "guidance.classifier_depth")
