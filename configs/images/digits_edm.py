@@ -17,7 +17,7 @@ configs/sweeps/digits_edm_nfe.py.
 
 Variants: tiny (seconds; tests), conditional (class labels with label dropout).
 """
-from configs.common import parse_arg
+from configs.common import parse_arg, use_edm
 from configs.images import digits_ddpm
 
 # EDM's stochastic sampler settings (Karras et al. 2022, Table 5, ImageNet-64).
@@ -29,17 +29,7 @@ def get_config(arg=None):
   c = digits_ddpm.get_config(",".join(k for k, v in (("tiny", arg.tiny),
                                                       ("conditional", arg.conditional)) if v)
                              or None)
-  c.diffusion.sde = "edm"
-  c.diffusion.sigma_min = 0.002
-  c.diffusion.sigma_max = 80.0
-  c.diffusion.loss = "edm"
-  c.diffusion.prediction = "eps"     # ignored by the edm loss (its own parameterisation)
-  c.diffusion.sigma_data = 0.5
-  c.diffusion.p_mean = -1.2
-  c.diffusion.p_std = 1.2
-  c.sample.sampler = "heun"
-  c.sample.steps = 18
-  c.sample.options = "grid='edm', rho=7.0"
+  use_edm(c, sigma_data=0.5)
   c.sample.extra = ("dpm_solver++:19",)
   c.sweep.samplers = ("heun", "dpm_solver++")
   c.sweep.grid = "heun: S_churn=0.0|40.0, S_min=0.05, S_max=50.0, S_noise=1.003"

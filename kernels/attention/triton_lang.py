@@ -20,10 +20,11 @@ are entirely masked are never loaded. Causal masking is bottom-right aligned: qu
 key j iff j <= r + OFFSET with OFFSET = S - T. `KVLEN` [B] int32 holds each example's number
 of valid keys (S where the caller has none).
 
-The functions here are plain Python; `jit_kernels()` wraps them with `triton.jit` (for
+The kernels here are plain Python; `jit_kernels()` wraps them with `triton.jit` (for
 jax-triton on a GPU and for compiling on any machine) and `interpreted_kernels()` with
-Triton's interpreter, which runs them on a CPU over numpy memory (the CPU tests). This
-module imports `triton`, so only import it where the package is installed.
+Triton's interpreter, which runs them on a CPU over numpy memory (the CPU tests; only in a
+process that imported triton with TRITON_INTERPRET=1, where the `@triton.jit` helper below
+is interpreted too). This module imports `triton`, so only import it where it is installed.
 """
 from __future__ import annotations
 
@@ -37,6 +38,22 @@ from triton.runtime.interpreter import InterpretedFunction
 # (Module-level values a Triton kernel reads must be constexprs.)
 MASK_VALUE = tl.constexpr(-2.3819763e38)
 LOG2E = tl.constexpr(1.4426950408889634)
+
+
+@triton.jit
+def _key_tiles(pid_m, kv_len, T: tl.constexpr, S: tl.constexpr, CAUSAL: tl.constexpr,
+               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+  """(n_full, n_end) for query tile pid_m: key tiles [0, n_full) need no mask, tiles
+  [n_full, n_end) do, tiles from n_end on are never loaded (past the kv length or causal)."""
+  end = kv_len
+  full = kv_len
+  if CAUSAL:
+    end = tl.minimum(end, pid_m * BLOCK_M + BLOCK_M + (S - T))
+    full = tl.minimum(full, pid_m * BLOCK_M + (S - T) + 1)
+  end = tl.maximum(end, 0)
+  n_end = tl.cdiv(end, BLOCK_N)
+  n_full = tl.minimum(tl.maximum(full, 0) // BLOCK_N, n_end)
+  return n_full, n_end
 
 
 def attn_fwd(Q, K, V, KVLEN, O, LSE,
@@ -59,16 +76,7 @@ def attn_fwd(Q, K, V, KVLEN, O, LSE,
   v_base = V + b * S * HKV * D + hk * D
   kv_len = tl.load(KVLEN + b)
   qk_scale = SCALE * LOG2E
-  # Keys this tile can see at all, and the prefix of whole tiles that needs no mask.
-  end = kv_len
-  full = kv_len
-  if CAUSAL:
-    end = tl.minimum(end, pid_m * BLOCK_M + BLOCK_M + (S - T))
-    full = tl.minimum(full, pid_m * BLOCK_M + (S - T) + 1)
-  end = tl.maximum(end, 0)
-  n_full = tl.maximum(full, 0) // BLOCK_N
-  n_end = tl.cdiv(end, BLOCK_N)
-  n_full = tl.minimum(n_full, n_end)
+  n_full, n_end = _key_tiles(pid_m, kv_len, T, S, CAUSAL, BLOCK_M, BLOCK_N)
 
   acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
   m_i = tl.full([BLOCK_M], MASK_VALUE, dtype=tl.float32)
@@ -232,15 +240,7 @@ def attn_dq(Q, K, V, DO, LSE, DELTA, KVLEN, DQ,
   v_base = V + b * S * HKV * D + hk * D
   kv_len = tl.load(KVLEN + b)
   qk_scale = SCALE * LOG2E
-  end = kv_len
-  full = kv_len
-  if CAUSAL:
-    end = tl.minimum(end, pid_m * BLOCK_M + BLOCK_M + (S - T))
-    full = tl.minimum(full, pid_m * BLOCK_M + (S - T) + 1)
-  end = tl.maximum(end, 0)
-  n_full = tl.maximum(full, 0) // BLOCK_N
-  n_end = tl.cdiv(end, BLOCK_N)
-  n_full = tl.minimum(n_full, n_end)
+  n_full, n_end = _key_tiles(pid_m, kv_len, T, S, CAUSAL, BLOCK_M, BLOCK_N)
 
   dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
   for kb in range(0, n_full):
@@ -282,5 +282,6 @@ def jit_kernels() -> dict:
 
 @functools.lru_cache(maxsize=None)
 def interpreted_kernels() -> dict:
-  """The kernels under Triton's interpreter (only in a TRITON_INTERPRET=1 process: triton_interpreter.py)."""
+  """The kernels under Triton's interpreter (in a TRITON_INTERPRET=1 process only:
+  triton_interpreter.py)."""
   return {name: InterpretedFunction(f) for name, f in KERNELS.items()}
