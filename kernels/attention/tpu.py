@@ -183,17 +183,15 @@ def _dot(a, b, contract_a: int, contract_b: int):
                          precision=precision, preferred_element_type=jnp.float32)
 
 
-def _row_to_col(row):
-  """(1, n) -> (n, 1): broadcast to (128, n) and transpose, an (8, 128)-aligned transpose
-  when n is a multiple of 128."""
-  n = row.shape[-1]
-  return jnp.transpose(jnp.broadcast_to(row, (LANES, n)))[:, :1]
+def _rows_to_lanes(row):
+  """(1, n) -> (n, 128): each row value replicated along the lanes (as the accumulator
+  statistics are kept), by a broadcast and an (8, 128)-aligned transpose when n % 128 == 0."""
+  return jnp.transpose(jnp.broadcast_to(row, (LANES, row.shape[-1])))
 
 
-def _col_to_row(col):
-  """(n, 1) -> (1, n), as `_row_to_col`."""
-  n = col.shape[0]
-  return jnp.transpose(jnp.broadcast_to(col, (n, LANES)))[:1, :]
+def _lanes_to_row(x):
+  """(n, 128) lane-replicated -> (1, n), the inverse of `_rows_to_lanes`."""
+  return jnp.transpose(x)[:1, :]
 
 
 def kv_block_index(q_tile, k_tile, kv_len, *, block_q: int, block_k: int, num_k_blocks: int,
@@ -252,14 +250,14 @@ def _forward_kernel(kvl_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, m_sc, l_sc, ac
       mask = c.tile_mask(q_start, k_start, block_q, block_k, causal=causal,
                          causal_offset=causal_offset, kv_len=kv_len)
       s = jnp.where(mask, s, c.MASK_VALUE)
-    m_prev = m_sc[...]
+    m_prev = m_sc[...]  # [block_q, 128], every lane the same
     m_new = jnp.maximum(m_prev, jnp.max(s, axis=1, keepdims=True))
     alpha = jnp.exp2(m_prev - m_new)
-    p = jnp.exp2(s - m_new)
+    p = jnp.exp2(s - m_new[:, :1])
     if masked:  # a row masked everywhere so far has m_new == MASK_VALUE and p == 1
       p = jnp.where(mask, p, 0.0)
     l_sc[...] = alpha * l_sc[...] + jnp.sum(p, axis=1, keepdims=True)
-    acc_sc[...] = acc_sc[...] * alpha + _dot(p.astype(v.dtype), v, 1, 0)
+    acc_sc[...] = acc_sc[...] * alpha[:, :1] + _dot(p.astype(v.dtype), v, 1, 0)
     m_sc[...] = m_new
 
   pl.when(j < n_full)(lambda: step(False))
@@ -269,9 +267,9 @@ def _forward_kernel(kvl_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, m_sc, l_sc, ac
   def _finish():
     l = l_sc[...]
     empty = l == 0.0  # nothing to attend to: output 0, lse = +inf (P = 0 in the backward)
-    o_ref[...] = (acc_sc[...] / jnp.where(empty, 1.0, l)).astype(o_ref.dtype)
+    o_ref[...] = (acc_sc[...] / jnp.where(empty, 1.0, l)[:, :1]).astype(o_ref.dtype)
     lse = jnp.where(empty, jnp.inf, m_sc[...] + jnp.log2(jnp.where(empty, 1.0, l)))
-    lse_ref[...] = _col_to_row(lse)
+    lse_ref[...] = _lanes_to_row(lse)
 
 
 def _forward(q, k, v, kv_lengths, *, scale, causal, causal_offset, block_sizes, heads,
@@ -290,7 +288,7 @@ def _forward(q, k, v, kv_lengths, *, scale, causal, causal_offset, block_sizes, 
     return bi, i, hi
 
   def kv_map(bi, hi, i, j, kvl):
-    return bi, kv_index(i, j, kvl[bi]), hi // groups
+    return bi, kv_index(i, j, kvl[bi]), lax.div(hi, groups)
 
   def lse_map(bi, hi, i, j, kvl):
     return bi, hi, 0, i
@@ -306,8 +304,9 @@ def _forward(q, k, v, kv_lengths, *, scale, causal, causal_offset, block_sizes, 
                 pl.BlockSpec((None, bk, dp), kv_map)],
       out_specs=[pl.BlockSpec((None, bq, dp), q_map),
                  pl.BlockSpec((None, None, 1, bq), lse_map)],
-      scratch_shapes=[pltpu.VMEM((bq, 1), jnp.float32), pltpu.VMEM((bq, 1), jnp.float32),
-                      pltpu.VMEM((bq, dp), jnp.float32)])
+      scratch_shapes=[pltpu.VMEM((bq, LANES), jnp.float32),  # running max m (base 2)
+                      pltpu.VMEM((bq, LANES), jnp.float32),  # running sum l
+                      pltpu.VMEM((bq, dp), jnp.float32)])  # output accumulator
   return pl.pallas_call(
       kernel,
       grid_spec=grid_spec,
@@ -333,8 +332,8 @@ def _dq_kernel(kvl_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_ref,
 
   @pl.when(j == 0)
   def _init():
-    lse_sc[...] = _row_to_col(lse_ref[...])
-    delta_sc[...] = _row_to_col(delta_ref[...])
+    lse_sc[...] = _rows_to_lanes(lse_ref[...])  # columns for this query tile, once
+    delta_sc[...] = _rows_to_lanes(delta_ref[...])
     dq_sc[...] = jnp.zeros(dq_sc.shape, jnp.float32)
 
   def step(masked: bool):
@@ -344,9 +343,9 @@ def _dq_kernel(kvl_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_ref,
       mask = c.tile_mask(q_start, k_start, block_q, block_k, causal=causal,
                          causal_offset=causal_offset, kv_len=kv_len)
       s = jnp.where(mask, s, c.MASK_VALUE)
-    p = jnp.exp2(s - lse_sc[...])  # masked: exp2(MASK_VALUE - lse) == 0; empty row: lse = inf
+    p = jnp.exp2(s - lse_sc[:, :1])  # masked: exp2(MASK_VALUE - lse) = 0; empty: lse = inf
     dp = _dot(do, v, 1, 1)
-    ds = p * (dp - delta_sc[...])
+    ds = p * (dp - delta_sc[:, :1])
     dq_sc[...] += _dot(ds.astype(k.dtype), k, 1, 0)
 
   pl.when(j < n_full)(lambda: step(False))
@@ -371,7 +370,7 @@ def _dq(q, k, v, do, lse, delta, kv_lengths, *, scale, causal, causal_offset, bl
     return bi, i, hi
 
   def kv_map(bi, hi, i, j, kvl):
-    return bi, kv_index(i, j, kvl[bi]), hi // groups
+    return bi, kv_index(i, j, kvl[bi]), lax.div(hi, groups)
 
   def row_map(bi, hi, i, j, kvl):
     return bi, hi, 0, i
@@ -387,8 +386,9 @@ def _dq(q, k, v, do, lse, delta, kv_lengths, *, scale, causal, causal_offset, bl
       grid=(b, heads, nq, nk),
       in_specs=[q_spec, kv_spec, kv_spec, q_spec, row_spec, row_spec],
       out_specs=q_spec,
-      scratch_shapes=[pltpu.VMEM((bq, 1), jnp.float32), pltpu.VMEM((bq, 1), jnp.float32),
-                      pltpu.VMEM((bq, dp), jnp.float32)])
+      scratch_shapes=[pltpu.VMEM((bq, LANES), jnp.float32),  # lse, lane-replicated
+                      pltpu.VMEM((bq, LANES), jnp.float32),  # delta, lane-replicated
+                      pltpu.VMEM((bq, dp), jnp.float32)])  # dQ accumulator
   return pl.pallas_call(
       kernel,
       grid_spec=grid_spec,
