@@ -91,9 +91,11 @@ class TpuBlockSizes:
                          f"{SUBLANES} (on a TPU, of {LANES}).")
 
   def fit(self, q_len: int, kv_len: int) -> "TpuBlockSizes":
-    """Caps every tile at its sequence length rounded up to 128, so a 40-query problem
-    runs one 128-row tile rather than padding to a 512-row one."""
-    qcap, kcap = _round_up(q_len, LANES), _round_up(kv_len, LANES)
+    """Caps every tile at its sequence length rounded up to 128 x a power of two, so a
+    40-query problem runs one 128-row tile rather than padding to a 512-row one, and tiles
+    that are all 128 x powers of two stay so (the padded length, a multiple of every tile,
+    is then a multiple of the largest: T = 700 with 1024- and 512-row tiles pads to 1024)."""
+    qcap, kcap = _pow2_lanes(q_len), _pow2_lanes(kv_len)
     return TpuBlockSizes(
         block_q=min(self.block_q, qcap), block_k=min(self.block_k, kcap),
         block_q_dkv=min(self.block_q_dkv, qcap), block_k_dkv=min(self.block_k_dkv, kcap),
@@ -108,23 +110,20 @@ class TpuBlockSizes:
     return math.lcm(self.block_k, self.block_k_dkv, self.block_k_dq)
 
 
-# Per-generation defaults, keyed by a substring of `device_kind`. None of these is tuned yet
-# (no TPU run so far, NOTES.md "TPU"): they are sized from each chip's VMEM so that the
-# double-buffered tiles plus the float32 temporaries of the largest kernel (dK/dV: S^T, P^T,
-# dP^T, dS^T, each block_k x block_q x 4 B, and two block_k x Dp float32 accumulators) stay
-# under the default scoped-VMEM limit at Dp = 256 in float32:
-#   v4 / v5p (32 MiB scoped of 128 / 95 MiB VMEM? -- 16 MiB default scoped), v5e (16 MiB
-#   scoped, 128 x 128 MXU), v6e (32 MiB scoped, 256 x 256 MXU).
-# 512 x 512 float32 temporaries are 1 MiB each: the dK/dV kernel at Dp = 256 needs about
-# 4 x 1 + 2 x 0.5 (accumulators) + 2 x 2 x (q, dO tiles, 0.5 each) + k, v = ~10 MiB.
-_GENERATION_DEFAULTS = {
-    "v4": TpuBlockSizes(512, 512, 512, 512, 512, 512),
-    "v5 lite": TpuBlockSizes(512, 512, 256, 512, 512, 256),  # v5e: least VMEM bandwidth
-    "v5e": TpuBlockSizes(512, 512, 256, 512, 512, 256),
-    "v5p": TpuBlockSizes(512, 512, 512, 512, 512, 512),
-    "v5": TpuBlockSizes(512, 512, 512, 512, 512, 512),
-    "v6": TpuBlockSizes(512, 1024, 512, 1024, 512, 1024),  # v6e: 256-wide MXU, 2x VMEM
-}
+# Per-generation defaults, keyed by a substring of `device_kind` ("TPU v4", "TPU v5 lite",
+# "TPU v5", "TPU v6 lite"). None is tuned yet (no TPU has run these kernels, NOTES.md "TPU").
+# The resident tile sets the arithmetic intensity: a resident tile of n rows does about n
+# flops per byte of the streamed tiles it loads, and a chip is compute-bound above its
+# peak bf16 flops / HBM bandwidth: ~220 on v4 (275 TFLOP/s, 1.2 TB/s), ~240 on v5e (197,
+# 0.82), ~170 on v5p (459, 2.8), ~560 on v6e (918, 1.6). So 512-row resident tiles, and
+# 1024 on v6e. VMEM: the largest kernel (dK/dV, Dp = 256, float32) holds four float32
+# block_k x block_q temporaries (S^T, P^T, dP^T, dS^T: 1 MiB each at 512 x 512), two float32
+# block_k x Dp accumulators and double-buffered q, dO, k, v tiles, ~10 MiB; v6e's
+# 1024-row tiles about twice that.
+_V6 = TpuBlockSizes(block_q=1024, block_k=512, block_q_dkv=512, block_k_dkv=1024,
+                    block_q_dq=1024, block_k_dq=512)
+_GENERATION_DEFAULTS = {"v4": TpuBlockSizes(), "v5 lite": TpuBlockSizes(),
+                        "v5e": TpuBlockSizes(), "v5": TpuBlockSizes(), "v6": _V6}
 _FALLBACK_DEFAULT = TpuBlockSizes()
 
 
@@ -173,6 +172,11 @@ def _interpret(interpret: InterpretArg):
 
 def _round_up(n: int, m: int) -> int:
   return -(-n // m) * m
+
+
+def _pow2_lanes(n: int) -> int:
+  """The smallest 128 x 2^k >= n."""
+  return LANES * (1 << max(-(-n // LANES) - 1, 0).bit_length())
 
 
 def _dot(a, b, contract_a: int, contract_b: int):

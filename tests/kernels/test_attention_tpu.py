@@ -38,8 +38,9 @@ CASES = {
     # GQA 4:1, causal with T < S (offset 32), D = 40 (-> 128 lanes), kv_lengths (0, 50):
     # example 0 attends to nothing, example 1's keys 50..71 are padding.
     "gqa_causal_t_lt_s_kvlen": (2, 40, 72, 8, 2, 40, True, (0, 50)),
-    # MQA, causal with T > S: rows 0..31 see nothing; D = 72; through the op, default tiles.
-    "mqa_causal_t_gt_s": (1, 72, 40, 2, 1, 72, True, None),
+    # MQA, causal with T > S: rows 0..31 see nothing; D = 72; kv_lengths (30, 0): an empty
+    # example again, in bf16; through the op with its default tiles (one 128-row tile).
+    "mqa_causal_t_gt_s": (2, 72, 40, 2, 1, 72, True, (30, 0)),
     # MHA, no causal mask, the widest head (D = 256), kv_lengths 50 of 72; race detector on.
     "mha_d256_kvlen": (1, 40, 72, 2, 2, 256, False, (50,)),
 }
@@ -69,8 +70,8 @@ def _run(name, dtype):
 
 
 @pytest.mark.parametrize("name,dtype", [
-    ("gqa_causal_t_lt_s_kvlen", jnp.float32), ("gqa_causal_t_lt_s_kvlen", jnp.bfloat16),
-    ("mqa_causal_t_gt_s", jnp.bfloat16), ("mha_d256_kvlen", jnp.float32)])
+    ("gqa_causal_t_lt_s_kvlen", jnp.float32), ("mqa_causal_t_gt_s", jnp.bfloat16),
+    ("mha_d256_kvlen", jnp.float32)])
 def test_forward_and_gradients_match_float32_reference(name, dtype):
   got, want, races = _run(name, dtype)
   tol = 1e-5 if dtype == jnp.float32 else 2e-2  # what the GPU kernels meet
@@ -89,10 +90,12 @@ def test_rows_without_keys_are_zero_with_zero_gradients():
   assert np.all(dk[0] == 0) and np.all(dv[0] == 0)
   assert np.all(dk[1, 50:] == 0) and np.all(dv[1, 50:] == 0)  # keys past kv_lengths[1]
   assert np.abs(out[1]).min(axis=-1).max() > 0
-  (out, dq, _, _), _, _ = _run("mqa_causal_t_gt_s", jnp.bfloat16)
-  out, dq = np.asarray(out, np.float32), np.asarray(dq, np.float32)
+  (out, dq, dk, dv), _, _ = _run("mqa_causal_t_gt_s", jnp.bfloat16)
+  out, dq, dk, dv = (np.asarray(x, np.float32) for x in (out, dq, dk, dv))
   assert np.all(out[:, :32] == 0) and np.all(dq[:, :32] == 0)  # T - S = 32 rows see nothing
-  assert np.all(np.abs(out[:, 32:]).max(axis=(-1, -2)) > 0)
+  assert np.all(np.abs(out[0, 32:]).max(axis=-1) > 0)
+  assert np.all(out[1] == 0) and np.all(dq[1] == 0) and np.all(dk[1] == 0)  # kv_lengths 0
+  assert np.all(dk[0, 30:] == 0) and np.all(dv[0, 30:] == 0)
 
 
 def test_matches_jax_bundled_tpu_flash_attention():
@@ -236,7 +239,7 @@ def test_errors_are_clear():
                           v.astype(jnp.float16), implementation="pallas_tpu")
   with pytest.raises(ValueError, match="block_k=12.*multiple of 8"):
     TpuBlockSizes(block_k=12)
-  assert default_tpu_block_sizes("TPU v6 lite").block_k == 1024
-  assert default_tpu_block_sizes("TPU v5 lite") != default_tpu_block_sizes("TPU v5p")
+  assert default_tpu_block_sizes("TPU v6 lite").block_q == 1024
+  assert default_tpu_block_sizes("TPU v5 lite") == TpuBlockSizes(*[512] * 6)
   assert default_tpu_block_sizes("cpu") == TpuBlockSizes()
   assert TpuBlockSizes().fit(40, 700) == TpuBlockSizes(128, 512, 128, 512, 128, 512)
