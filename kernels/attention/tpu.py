@@ -199,15 +199,21 @@ def _lanes_to_row(x):
 
 
 def kv_block_index(q_tile, k_tile, kv_len, *, block_q: int, block_k: int, num_k_blocks: int,
-                   causal: bool, causal_offset: int):
+                   num_q_blocks: int, causal: bool, causal_offset: int):
   """The key block that grid step (q_tile, k_tile) loads (forward, dQ kernels).
 
   Tiles the query tile needs are loaded as they are; a tile past its causal end or its kv
-  length maps to the last tile it needs (block 0 when it needs none), the block already in
-  VMEM from the previous step, so no DMA is issued for it."""
-  _, n_end = c.kv_block_ranges(q_tile * block_q, block_q, block_k, num_k_blocks,
-                               causal=causal, causal_offset=causal_offset, kv_len=kv_len)
-  return jnp.minimum(k_tile, jnp.maximum(n_end - 1, 0))
+  length maps to the last tile it needs, the block already in VMEM from the previous step,
+  so no DMA is issued for it. A query tile that needs no key at all (kv length 0, or the
+  first rows of causal T > S; with a causal mask these come first) maps to the block the
+  last query tile of the previous head ended on, which is the previous step's block
+  whenever the previous step is of the same example."""
+  ranges = functools.partial(c.kv_block_ranges, block_q=block_q, block_k=block_k,
+                             num_k_blocks=num_k_blocks, causal=causal,
+                             causal_offset=causal_offset, kv_len=kv_len)
+  _, n_end = ranges(q_tile * block_q)
+  _, n_end_last = ranges((num_q_blocks - 1) * block_q)
+  return jnp.where(n_end > 0, jnp.minimum(k_tile, n_end - 1), jnp.maximum(n_end_last - 1, 0))
 
 
 def q_block_index(k_tile, q_tile, kv_len, *, block_q: int, block_k: int, num_q_blocks: int,
@@ -286,7 +292,7 @@ def _forward(q, k, v, kv_lengths, *, scale, causal, causal_offset, block_sizes, 
   bq, bk, dp = block_sizes.block_q, block_sizes.block_k, head_dim
   nq, nk = tp // bq, sp // bk
   kv_index = functools.partial(kv_block_index, block_q=bq, block_k=bk, num_k_blocks=nk,
-                               causal=causal, causal_offset=causal_offset)
+                               num_q_blocks=nq, causal=causal, causal_offset=causal_offset)
 
   def q_map(bi, hi, i, j, kvl):
     return bi, i, hi
@@ -368,7 +374,7 @@ def _dq(q, k, v, do, lse, delta, kv_lengths, *, scale, causal, causal_offset, bl
   bq, bk, dp = block_sizes.block_q_dq, block_sizes.block_k_dq, head_dim
   nq, nk = tp // bq, sp // bk
   kv_index = functools.partial(kv_block_index, block_q=bq, block_k=bk, num_k_blocks=nk,
-                               causal=causal, causal_offset=causal_offset)
+                               num_q_blocks=nq, causal=causal, causal_offset=causal_offset)
 
   def q_map(bi, hi, i, j, kvl):
     return bi, i, hi

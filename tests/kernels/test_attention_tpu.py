@@ -155,11 +155,13 @@ def test_index_maps_load_only_needed_tiles(causal, t, s, kv_len):
   needed = _needed(causal, t, s, kv_len, bq, bk, tp, sp)
   kv = jnp.asarray(kv_len, jnp.int32)
   kw = dict(block_q=bq, block_k=bk, causal=causal, causal_offset=s - t)
-  # forward / dQ: for each query tile i, key tiles j = 0..nk-1.
-  steps = [(i, j) for i in range(nq) for j in range(nk)]
-  i_s, j_s = (jnp.asarray(a, jnp.int32) for a in zip(*steps))  # the index map, vectorised
-  idx = np.asarray(tpu.kv_block_index(i_s, j_s, kv, num_k_blocks=nk, **kw)).tolist()
-  for n, (i, j) in enumerate(steps):
+  # forward / dQ: two heads of one example (kv heads 0, 0: GQA), each query tile i, key
+  # tiles j = 0..nk-1.
+  steps = [(h, i, j) for h in range(2) for i in range(nq) for j in range(nk)]
+  _, i_s, j_s = (jnp.asarray(a, jnp.int32) for a in zip(*steps))  # the map, vectorised
+  idx = np.asarray(tpu.kv_block_index(i_s, j_s, kv, num_k_blocks=nk, num_q_blocks=nq,
+                                      **kw)).tolist()
+  for n, (_, i, j) in enumerate(steps):
     loads = n == 0 or idx[n] != idx[n - 1]
     if needed[i, j]:
       assert idx[n] == j
