@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import importlib
 import math
 from typing import Optional, Union
 
@@ -152,10 +153,18 @@ def interpret_params(detect_races: bool = False) -> pltpu.InterpretParams:
 
 def races_found() -> bool:
   """Whether the TPU interpreter's race detector reported a race in its last run."""
-  # jax 0.10 has no public accessor for the detector's state.
-  from jax._src.pallas.mosaic.interpret import interpret_pallas_call
-  races = interpret_pallas_call.races
-  return bool(races is not None and races.races_found)
+  # jax 0.10 has no public accessor for the detector's state; it is the module global
+  # `races` of the interpreter (None before any run with detect_races=True).
+  for name in ("jax._src.pallas.mosaic.interpret.interpret_pallas_call",
+               "jax._src.pallas.mosaic.interpret"):
+    try:
+      module = importlib.import_module(name)
+    except ImportError:
+      continue
+    if hasattr(module, "races"):
+      return bool(module.races is not None and module.races.races_found)
+  raise RuntimeError(f"jax {jax.__version__}: the TPU interpreter's race state was not found "
+                     "(looked for `races` in jax._src.pallas.mosaic.interpret).")
 
 
 InterpretArg = Union[bool, pltpu.InterpretParams]

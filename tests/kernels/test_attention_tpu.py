@@ -43,6 +43,8 @@ CASES = {
     "mqa_causal_t_gt_s": (2, 72, 40, 2, 1, 72, True, (30, 0)),
     # MHA, no causal mask, the widest head (D = 256), kv_lengths 50 of 72; race detector on.
     "mha_d256_kvlen": (1, 40, 72, 2, 2, 256, False, (50,)),
+    # GQA 2:1, causal with T == S = 128 (the usual lower triangle), D = 64.
+    "gqa_causal_square": (1, 128, 128, 4, 2, 64, True, None),
 }
 
 
@@ -71,7 +73,7 @@ def _run(name, dtype):
 
 @pytest.mark.parametrize("name,dtype", [
     ("gqa_causal_t_lt_s_kvlen", jnp.float32), ("mqa_causal_t_gt_s", jnp.bfloat16),
-    ("mha_d256_kvlen", jnp.float32)])
+    ("mha_d256_kvlen", jnp.float32), ("gqa_causal_square", jnp.float32)])
 def test_forward_and_gradients_match_float32_reference(name, dtype):
   got, want, races = _run(name, dtype)
   tol = 1e-5 if dtype == jnp.float32 else 2e-2  # what the GPU kernels meet
@@ -98,16 +100,20 @@ def test_rows_without_keys_are_zero_with_zero_gradients():
   assert np.all(dk[0, 30:] == 0) and np.all(dv[0, 30:] == 0)
 
 
-def test_matches_jax_bundled_tpu_flash_attention():
-  """JAX's pallas.ops.tpu.flash_attention on the same inputs, in the same interpreter.
+@pytest.mark.parametrize("name", ["mha_d256_kvlen", "gqa_causal_square"])
+def test_matches_jax_bundled_tpu_flash_attention(name):
+  """JAX's pallas.ops.tpu.flash_attention on the same inputs, in the same interpreter, where
+  it takes them: no causal mask, or causal with T == S (its mask is top-left aligned).
 
   It takes [B, H, T, D], equal head counts and key blocks of 128: k and v are repeated to
-  the query heads (their gradients summed back by the repeat's vjp), padded from 72 to 128
-  keys, and the padding and kv_lengths are its kv segment ids (0 = masked).
+  the query heads (their gradients summed back by the repeat's vjp), padded to 128 keys,
+  and the padding and kv_lengths become its kv segment ids (0 = masked).
   """
-  (q, k, v, do), _, kvl = _inputs("mha_d256_kvlen", jnp.float32)
+  (q, k, v, do), causal, kvl = _inputs(name, jnp.float32)
   b, t, h, d = q.shape
   s, sp = k.shape[1], 128
+  if kvl is None:
+    kvl = jnp.full((b,), s, jnp.int32)
 
   def theirs(q, k, v):
     bhtd = lambda x: jnp.transpose(x, (0, 2, 1, 3))
@@ -118,13 +124,13 @@ def test_matches_jax_bundled_tpu_flash_attention():
     tiles = bundled.BlockSizes(block_q=t, block_k_major=sp, block_k=sp, block_b=1,
                                block_q_major_dkv=t, block_k_major_dkv=sp, block_k_dkv=sp,
                                block_q_dkv=t, block_k_major_dq=sp, block_k_dq=sp, block_q_dq=t)
-    out = bundled.flash_attention(bhtd(q), bhtd(kp), bhtd(vp), segment_ids=seg,
+    out = bundled.flash_attention(bhtd(q), bhtd(kp), bhtd(vp), segment_ids=seg, causal=causal,
                                   sm_scale=d ** -0.5, block_sizes=tiles)
     return bhtd(out)
 
   with pltpu.force_tpu_interpret_mode(tpu.interpret_params()):
     ref = jax.jit(lambda *a: fwd_bwd(theirs, *a), compiler_options=FAST_COMPILE)(q, k, v, do)
-  got, want, _ = _run("mha_d256_kvlen", jnp.float32)
+  got, want, _ = _run(name, jnp.float32)
   assert all(e < 1e-5 for e in rel_errors(ref, want).values())  # theirs is right too
   errs = rel_errors(got, ref)
   assert all(e < 1e-5 for e in errs.values()), errs
@@ -213,7 +219,7 @@ def test_lowering_refuses_tiles_off_the_tpu_layout():
   Pallas' TPU lowering refuses (lanes must be a multiple of 128)."""
   qa = jax.ShapeDtypeStruct((1, 256, 2, 128), jnp.bfloat16)
   f = functools.partial(tpu_attention, block_sizes=TpuBlockSizes(16, 16, 16, 16, 16, 16))
-  with pytest.raises(ValueError, match="divisible by 8 and 128"):
+  with pytest.raises(ValueError, match="block shape"):
     jax.export.export(jax.jit(f), platforms=["tpu"])(qa, qa, qa)
 
 
