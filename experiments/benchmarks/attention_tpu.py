@@ -9,7 +9,9 @@ Implementations (layout [B, T, H, D] at the call, as the op sees it):
                   CausalMask / FullMask per head, 512-row tiles (min(512, T)), vmapped over
                   the batch, q pre-scaled (splash takes no scale); transposes timed too
   xla             jax.nn.dot_product_attention(implementation="xla")
-The sweep, the FLOP convention (forward 4*B*H*T*T*D, halved when causal; forward+backward
+Before timing, each implementation's output and gradients are compared with the float32
+reference at T = 128 (`check_against_reference`, logged and stored in the JSON). The sweep,
+the FLOP convention (forward 4*B*H*T*T*D, halved when causal; forward+backward
 3.5 x forward), the timing (median of `--iters` host-timed samples after a warm-up) and the
 table / JSON are those of experiments/benchmarks/attention.py, whose helpers this reuses.
 
@@ -43,6 +45,7 @@ from experiments.benchmarks.attention import (_DTYPES, Cell, _short_error, descr
                                               environment, log, make_inputs, make_pass,
                                               markdown_table, measure, write_json)
 from kernels.attention import dot_product_attention, tpu
+from kernels.attention.testing import fwd_bwd, reference_fwd_bwd, rel_errors
 
 IMPLS = ("ours_tpu", "bundled_flash", "splash", "xla")
 
@@ -102,6 +105,30 @@ def run_cell(impl, seq_len, head_dim, causal, which, *, tokens, hidden, dtype_na
   return measure(cell, fn, args, iters=iters, max_temp_bytes=max_temp_bytes)
 
 
+def check_against_reference(impls, *, seq_len, head_dim, heads, causal, dtype_name,
+                            interpret) -> dict:
+  """Max relative error of each implementation's output and q/k/v gradients against the
+  float32 reference on one small input: the wrappers (layout, scale, masks) compute the
+  same attention before they are timed. Returns {impl: {"out": .., "dq": .., ...}}."""
+  q, k, v, do = make_inputs(1, seq_len, heads, head_dim, _DTYPES[dtype_name])
+  want = reference_fwd_bwd(q, k, v, do, causal=causal)
+  errors = {}
+  for impl in impls:
+    attn = make_attention(impl, causal=causal, seq_len=seq_len, heads=heads,
+                          interpret=interpret)
+    try:
+      if interpret and impl == "bundled_flash":
+        with pltpu.force_tpu_interpret_mode(tpu.interpret_params()):
+          got = jax.jit(functools.partial(fwd_bwd, attn))(q, k, v, do)
+      else:
+        got = jax.jit(functools.partial(fwd_bwd, attn))(q, k, v, do)
+      errors[impl] = rel_errors(got, want)
+    except Exception as e:  # reported, never fatal
+      errors[impl] = {"error": _short_error(e)}
+    log(f"  check T={seq_len} D={head_dim} causal={causal} {impl:15s} {errors[impl]}")
+  return errors
+
+
 def main(argv=None):
   p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   p.add_argument("--smoke", action="store_true",
@@ -133,6 +160,9 @@ def main(argv=None):
   env = environment()
   env["tpu_block_sizes"] = dataclasses.asdict(tpu.default_tpu_block_sizes())
   log(f"TPU attention benchmark on {env}; interpret={interpret}")
+  checks = {str(causal): check_against_reference(
+      impls, seq_len=128, head_dim=64, heads=2, causal=causal, dtype_name=args.dtype,
+      interpret=interpret) for causal in (False, True)}
   cells = []
   for t in (int(x) for x in args.seq_lens.split(",")):
     for d in (int(x) for x in args.head_dims.split(",")):
@@ -162,7 +192,7 @@ def main(argv=None):
       long_cells.append(c)
       log("  long " + describe(c))
   if args.out:
-    write_json(args.out, {"env": env, "args": vars(args), "time": time.time(),
+    write_json(args.out, {"env": env, "args": vars(args), "time": time.time(), "checks": checks,
                           "cells": [dataclasses.asdict(c) for c in cells],
                           "long": [dataclasses.asdict(c) for c in long_cells]})
     with open(os.path.splitext(args.out)[0] + ".md", "w") as f:
