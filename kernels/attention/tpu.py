@@ -13,13 +13,15 @@ differs is how a TPU runs it:
   axis marked "arbitrary" and the accumulators live in VMEM scratch: forward and dQ grid
   (B, H, query tiles, key tiles), dK/dV grid (B, Hkv, key tiles, G, query tiles), where the
   G query heads that share a kv head (GQA / MQA) are summed in the dK/dV accumulators.
-* Skipped tiles are never loaded. kv_lengths is a scalar-prefetch operand (in SMEM before
+* Skipped tiles are not loaded. kv_lengths is a scalar-prefetch operand (in SMEM before
   the grid starts), so the index maps can see it: a key tile past a row's causal end or its
   kv length maps to the block of the last tile that is needed, which is already in VMEM, so
   the pipeline issues no DMA for it, and `pl.when` skips its compute. The dK/dV kernel
   does the same with the query tiles above a key tile's causal start and with key tiles
-  past kv_length (which write zeros and load nothing new). Each visited tile takes one of
-  two compute branches: no mask, or the causal / kv-length mask.
+  past kv_length (which write zeros and load nothing new). The one exception is the first
+  step of an example (the previous step belonged to another example): it needs a block of
+  its own even when its tile is skipped (block 0 for kv_length 0). Each visited tile takes
+  one of two compute branches: no mask, or the causal / kv-length mask.
 * Layout [B, T, H, D] without a transpose. q is viewed (a free reshape) as [B, T, H * Dp]
   with D padded to Dp, a multiple of 128 lanes, so the block (tile, Dp) at column block h
   is head h and every block is (8, 128)-aligned; k, v likewise with Hkv. The LSE and delta
@@ -32,9 +34,10 @@ differs is how a TPU runs it:
 `interpret=True` runs the kernels in Pallas' TPU interpreter (`interpret_params`): a
 simulation of the TPU's memories, DMAs and semaphores on the CPU, with uninitialised VMEM
 filled with NaN and out-of-bounds reads raising; `races_found()` reports its race detector.
-Whether the kernels pass Mosaic's TPU lowering is checked on a CPU by
-`jax.export.export(..., platforms=["tpu"])` (tests/kernels/test_attention_tpu.py); their
-speed needs a TPU (experiments/benchmarks/attention_tpu.py, NOTES.md).
+Whether the kernels pass Pallas' Mosaic TPU lowering is checked on a CPU by
+`jax.export.export(..., platforms=["tpu"])` (tests/kernels/test_attention_tpu.py); Mosaic's
+own compiler passes (in libtpu) and the speed need a TPU (experiments/benchmarks/
+attention_tpu.py, NOTES.md).
 """
 from __future__ import annotations
 
