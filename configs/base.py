@@ -47,15 +47,18 @@ def get_config(arg=None):
   # --- objective ------------------------------------------------------------------------------
   c.objective = "diffusion"       # diffusion | flow | flow_matching | latent_diffusion
   c.diffusion = df = ml_collections.ConfigDict()
-  df.sde = "vp"                   # vp | subvp | ve
+  df.sde = "vp"                   # vp | subvp | ve | edm (x_t = x_0 + t noise, t in [sigma_min, sigma_max])
   df.beta_min = 0.1               # vp/subvp: beta(t) at t=0
   df.beta_max = 20.0              # vp/subvp: beta(t) at t=1
   df.schedule = "linear"          # vp/subvp noise schedule: linear (beta_min..beta_max) | cosine | scaled_linear
-  df.sigma_min = 0.01             # ve: smallest noise level
-  df.sigma_max = 50.0             # ve: largest noise level
+  df.sigma_min = 0.01             # ve/edm: smallest noise level (EDM: 0.002)
+  df.sigma_max = 50.0             # ve/edm: largest noise level (EDM: 80)
   df.loss = "ddpm"                # ddpm | dsm | v | edm
   df.prediction = "eps"           # what the network predicts: eps | x0 | v | score
   df.weighting = "uniform"        # dsm loss weighting: uniform | likelihood
+  df.sigma_data = 0.5             # edm loss: data std of the preconditioning (EDM: 0.5 for [-1, 1] images)
+  df.p_mean = -1.2                # edm loss: ln(sigma) ~ N(p_mean, p_std^2) in training (EDM's values)
+  df.p_std = 1.2                  # edm loss: see p_mean
   df.p_uncond = 0.0               # label dropout rate (trains the unconditional model for CFG)
 
   # --- optimisation ---------------------------------------------------------------------------

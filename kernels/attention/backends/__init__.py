@@ -10,7 +10,7 @@ and registers them as an `Implementation` under its own name in
   cudnn.py    jax.nn.dot_product_attention(implementation="cudnn")
   mosaic.py   our Hopper kernels in Pallas' Mosaic GPU backend (flash.mosaic_attention)
   pallas_tpu.py  our kernels in Pallas' Mosaic TPU backend (tpu.tpu_attention)
-  triton.py   kernels through jax-triton: not written yet, always refuses with a reason
+  triton.py   our Triton-language kernels (triton_lang.py) through jax-triton; interpreter on CPU
 
 The imports below are the registration order; op.py imports this package, so importing
 kernels.attention (or any module of it that reaches the op) registers all six.
