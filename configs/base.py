@@ -33,7 +33,7 @@ def get_config(arg=None):
   m.depth = 4                     # mlp: residual blocks
   m.time_embedding = "sinusoidal" # sinusoidal | fourier
   m.dropout = 0.0                 # dropout rate inside blocks
-  m.attention_impl = "auto"       # attention op implementation: auto | pallas | triton | cudnn | xla
+  m.attention_impl = "auto"       # attention op implementation: auto | pallas | mosaic | pallas_tpu | triton | cudnn | xla
   m.ch = 64                       # unet: base channels
   m.ch_mult = (1, 2, 2)           # unet: channel multiplier per resolution
   m.num_res_blocks = 2            # unet: residual blocks per resolution
@@ -47,15 +47,18 @@ def get_config(arg=None):
   # --- objective ------------------------------------------------------------------------------
   c.objective = "diffusion"       # diffusion | flow | flow_matching | latent_diffusion
   c.diffusion = df = ml_collections.ConfigDict()
-  df.sde = "vp"                   # vp | subvp | ve
+  df.sde = "vp"                   # vp | subvp | ve | edm (x_t = x_0 + t noise, t in [sigma_min, sigma_max])
   df.beta_min = 0.1               # vp/subvp: beta(t) at t=0
   df.beta_max = 20.0              # vp/subvp: beta(t) at t=1
   df.schedule = "linear"          # vp/subvp noise schedule: linear (beta_min..beta_max) | cosine | scaled_linear
-  df.sigma_min = 0.01             # ve: smallest noise level
-  df.sigma_max = 50.0             # ve: largest noise level
+  df.sigma_min = 0.01             # ve/edm: smallest noise level (EDM: 0.002)
+  df.sigma_max = 50.0             # ve/edm: largest noise level (EDM: 80)
   df.loss = "ddpm"                # ddpm | dsm | v | edm
   df.prediction = "eps"           # what the network predicts: eps | x0 | v | score
   df.weighting = "uniform"        # dsm loss weighting: uniform | likelihood
+  df.sigma_data = 0.5             # edm loss: data std of the preconditioning (EDM: 0.5 for [-1, 1] images)
+  df.p_mean = -1.2                # edm loss: ln(sigma) ~ N(p_mean, p_std^2) in training (EDM's values)
+  df.p_std = 1.2                  # edm loss: see p_mean
   df.p_uncond = 0.0               # label dropout rate (trains the unconditional model for CFG)
 
   # --- optimisation ---------------------------------------------------------------------------
@@ -128,8 +131,8 @@ def get_config(arg=None):
   g.kind = "none"                 # none | cfg (classifier-free) | classifier (noise-conditional classifier)
   g.scales = (0.0, 1.0, 3.0)      # cfg: w (0 = unconditional, 1 = conditional); classifier: s
   g.classifier_steps = 2000       # classifier guidance: training steps of the noise-conditional classifier
-  g.classifier_hidden = 128       # classifier guidance: classifier width
-  g.classifier_depth = 3          # classifier guidance: classifier residual blocks
+  g.classifier_hidden = 128       # classifier guidance: classifier width (images: base channels, x model.ch_mult per level)
+  g.classifier_depth = 3          # classifier guidance: classifier residual blocks (images: per level)
   g.classifier_learning_rate = 1e-3  # classifier guidance: peak AdamW rate (warmup, cosine decay)
   g.classifier_base = "unconditional"  # classifier guidance: score the gradient is added to: unconditional (null label; s=1 is exact Bayes) | conditional (Dhariwal & Nichol)
   g.samples_per_class = 1000      # samples drawn per class at each scale after training

@@ -87,12 +87,17 @@ def build_sde(config):
     schedule = None if df.get("schedule", "linear") == "linear" else df.schedule
     return sde_lib.get_sde(df.sde, beta_min=df.beta_min, beta_max=df.beta_max,
                            schedule=schedule)
-  return sde_lib.get_sde(df.sde, sigma_min=df.sigma_min, sigma_max=df.sigma_max)
+  return sde_lib.get_sde(df.sde, sigma_min=df.sigma_min, sigma_max=df.sigma_max)  # ve, edm
 
 
 def _diffusion(config, spec: DataSpec, workdir=None):
   df = config.diffusion
-  opts = (("weighting", df.weighting),) if df.loss == "dsm" else ()
+  opts = ()
+  if df.loss == "dsm":
+    opts = (("weighting", df.weighting),)
+  elif df.loss == "edm":  # EDM's preconditioning and log-normal training sigmas
+    opts = (("sigma_data", float(df.sigma_data)), ("p_mean", float(df.p_mean)),
+            ("p_std", float(df.p_std)))
   return DiffusionObjective(
       model=build_model(config, spec), sde=build_sde(config), loss_name=df.loss,
       prediction=df.prediction, loss_options=opts, conditional=config.data.conditional,

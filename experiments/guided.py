@@ -41,6 +41,7 @@ from experiments.options import parse_options
 from research.diffusion import guidance
 from research.diffusion import samplers
 from research.diffusion.analytic import GaussianMixture
+from research.models.classifier import Classifier
 from research.models.noise_classifier import NoiseConditionalClassifier
 from research.train_state import TrainState, make_optimizer
 
@@ -56,7 +57,15 @@ def scale_tag(config, scale: float) -> str:
 
 # ---- the noise-conditional classifier ----------------------------------------------------
 def build_classifier(config, spec):
+  """The noise-conditional classifier: residual MLP for vector data; for images the UNet's
+  encoder half (research.models.classifier.Classifier with a time embedding: per level
+  guidance.classifier_depth residual blocks of guidance.classifier_hidden x model.ch_mult
+  channels, strided downsampling, global mean pool)."""
   g = config.guidance
+  if spec.kind == "image":
+    return Classifier(num_classes=spec.num_classes, ch=g.classifier_hidden,
+                      ch_mult=tuple(config.model.ch_mult), num_res_blocks=g.classifier_depth,
+                      time_embedding=config.model.time_embedding or "sinusoidal")
   return NoiseConditionalClassifier(num_classes=spec.num_classes, hidden=g.classifier_hidden,
                                     depth=g.classifier_depth,
                                     time_embedding=config.model.time_embedding)

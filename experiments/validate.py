@@ -108,11 +108,14 @@ def _diffusion(config):
   positive_float(config, "diffusion.beta_max")
   if df.beta_max <= df.beta_min:
     fail("diffusion.beta_max", df.beta_max, f"a number > diffusion.beta_min={df.beta_min}")
-  if df.sde == "ve":
+  if df.sde in ("ve", "edm"):
     positive_float(config, "diffusion.sigma_min")
     positive_float(config, "diffusion.sigma_max")
     if df.sigma_max <= df.sigma_min:
       fail("diffusion.sigma_max", df.sigma_max, f"a number > diffusion.sigma_min={df.sigma_min}")
+  if df.loss == "edm":
+    positive_float(config, "diffusion.sigma_data")
+    positive_float(config, "diffusion.p_std")
   if df.loss == "edm" and df.prediction != "eps":
     fail("diffusion.prediction", df.prediction,
          "'eps' (the default) with diffusion.loss='edm', which trains its own preconditioned "
@@ -231,9 +234,6 @@ def _guidance(config):
   positive_int(config, "guidance.samples_per_class")
   if g.kind != "classifier":
     return
-  if not data_lib.is_toy(config):
-    fail("guidance.kind", g.kind, "'classifier' only for vector (toy) data: the "
-         "noise-conditional classifier (research/models/noise_classifier.py) takes [B, D]")
   positive_int(config, "guidance.classifier_steps")
   positive_int(config, "guidance.classifier_hidden")
   positive_int(config, "guidance.classifier_depth")

@@ -53,6 +53,12 @@ def get_config(arg=None):
   c.sample.batch_size = 359
   # dpm_solver++ at 19 steps + the final denoising call = 20 NFE (the <= 20-NFE comparison).
   c.sample.extra = ("ddim:50", "dpm_solver++:19")
+  # Classifier guidance (guidance.kind="classifier"): the noise-conditional classifier is the
+  # UNet's encoder half at 16 base channels, one residual block per level.
+  c.guidance.classifier_hidden = 16
+  c.guidance.classifier_depth = 1
+  c.guidance.classifier_steps = 1500
+  c.guidance.classifier_learning_rate = 2e-3
   c.sweep.samplers = ("ddim", "dpm_solver++")
   c.sweep.steps = (20, 50)
   if arg.size != 8:
@@ -71,5 +77,7 @@ def get_config(arg=None):
     c.sample.num_samples = 16
     c.sample.batch_size = 16
     c.sample.extra = ()
+    c.guidance.classifier_hidden = 8
+    c.guidance.classifier_steps = 4
     c.train.progress = False
   return c

@@ -40,9 +40,10 @@ from kernels.attention import (BlockSizes, MosaicBackwardBlockSizes, MosaicBlock
 # ours: the Triton-lowered Pallas kernels; ours_mosaic: the Hopper (Mosaic GPU) kernels
 # (implementation="mosaic", compute capability 9.x only: Mosaic forward, Mosaic backward up to
 # head dim 128). ours_mosaic_tbwd (not in the default list): the Mosaic forward with the
-# Triton backward, the combination of GPU run 3.
+# Triton backward, the combination of GPU run 3. ours_triton: our Triton-language kernels through
+# jax-triton (implementation="triton"; block_sizes: BlockSizes).
 IMPLS = ("ours", "ours_mosaic", "bundled_pallas", "cudnn", "xla")
-EXTRA_IMPLS = ("ours_mosaic_tbwd",)
+EXTRA_IMPLS = ("ours_mosaic_tbwd", "ours_triton")
 _DTYPES = {"bf16": jnp.bfloat16, "fp16": jnp.float16, "fp32": jnp.float32}
 
 
@@ -72,6 +73,13 @@ def make_attention(impl: str, *, causal: bool, interpret: bool,
                                interpret=interpret)
     return functools.partial(mosaic_attention, causal=causal, mosaic_block_sizes=block_sizes,
                              mosaic_backward_block_sizes=backward_block_sizes,
+                             interpret=interpret)
+  if impl == "ours_triton":
+    if block_sizes is not None:
+      from kernels.attention.triton_attention import triton_attention  # needs triton
+      return functools.partial(triton_attention, causal=causal, block_sizes=block_sizes,
+                               interpret=interpret)
+    return functools.partial(dot_product_attention, causal=causal, implementation="triton",
                              interpret=interpret)
   if impl == "ours":
     if block_sizes is not None:

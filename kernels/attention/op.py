@@ -14,12 +14,17 @@ one adapter module each in backends/, which this module imports and so registers
           backward); bf16/fp16; anywhere with interpret=True (Pallas' GPU interpreter).
   triton  jax-triton kernels (backends/triton.py); needs the jax-triton package and refuses
           until its kernels are written.
+  pallas_tpu  the same algorithm in Pallas' Mosaic TPU backend (tpu.py: forward, dQ, dK/dV
+          kernels, kv_lengths by scalar prefetch); float32 / bfloat16, head dims <= 256; a
+          TPU, or anywhere with interpret=True (Pallas' TPU interpreter).
 "auto" (`_auto`) picks mosaic on a Hopper GPU (compute capability 9.x) for bf16/fp16 with
 head dims <= 128 -- the case GPU runs 3-4 measured on an H100, where it matched or beat
 pallas on every row (forward+backward with the Mosaic backward 1.08-1.36x the Triton one at
 T >= 2048; T = 512, D = 64 causal: 156 vs 157 TFLOP/s for pallas) -- pallas on other GPUs
-and inputs (falling back to xla for inputs the kernel does not take), and xla on CPU/TPU:
-the interpreter runs the kernels correctly but far slower than XLA.
+and inputs (falling back to xla for inputs the kernel does not take), pallas_tpu on a TPU
+when both T and S are at least TPU_MIN_SEQ_LEN (dense XLA below: its T x S logits are small
+there; the threshold is a placeholder until a TPU run times both, NOTES.md "TPU"), and xla
+on CPU: the interpreters run the kernels correctly but far slower than XLA.
 Masking semantics are documented in reference.py (causal is bottom-right aligned).
 
 The shared vocabulary (AttentionSpec, Implementation, the registry, input validation) is
@@ -34,6 +39,7 @@ import jax.numpy as jnp
 from kernels.attention import mosaic_backward as mosaic_bwd
 from kernels.attention.backends import mosaic as mosaic_backend
 from kernels.attention.backends import pallas as pallas_backend
+from kernels.attention.backends import pallas_tpu as pallas_tpu_backend
 from kernels.attention.flash import MAX_HEAD_DIM, mosaic_attention, pallas_attention
 from kernels.attention.interface import (IMPLEMENTATIONS, AttentionSpec, Implementation,
                                          available_implementations, register_implementation,
@@ -42,11 +48,21 @@ from kernels.attention.interface import (IMPLEMENTATIONS, AttentionSpec, Impleme
 __all__ = [
     "IMPLEMENTATIONS", "MAX_HEAD_DIM", "AttentionSpec", "Implementation",
     "available_implementations", "dot_product_attention", "mosaic_attention",
-    "pallas_attention", "register_implementation",
+    "pallas_attention", "register_implementation", "TPU_MIN_SEQ_LEN",
 ]
+
+# "auto" on a TPU takes pallas_tpu when min(T, S) >= this, xla below (not yet measured: at
+# T = S = 1024 dense logits are 4 MiB per head in float32, so XLA's attention still fits and
+# fuses well; the TPU benchmark, experiments/benchmarks/attention_tpu.py, will set it).
+TPU_MIN_SEQ_LEN = 1024
 
 
 def _auto(spec: AttentionSpec) -> str:
+  if spec.backend == "tpu":
+    if (min(spec.q_len, spec.kv_len) >= TPU_MIN_SEQ_LEN
+        and pallas_tpu_backend.unsupported_reason(spec) is None):
+      return "pallas_tpu"
+    return "xla"
   if spec.backend != "gpu":
     return "xla"
   if (spec.head_dim <= mosaic_bwd.MAX_HEAD_DIM and not spec.interpret

@@ -289,15 +289,18 @@ def classifier_input(x: Array, t: Array, sde) -> Array:
 @functools.lru_cache(maxsize=None)
 def _flax_classifier(module, sde):
   def logits(params, x, t):
-    return module.apply({"params": params}, classifier_input(x, t, sde), t, train=False)
+    return module.apply({"params": params}, classifier_input(x, t, sde), sde.network_time(t),
+                        train=False)
   return logits
 
 
 def flax_classifier_fn(module, params, sde) -> LogitsFn:
   """A noise-conditional classifier module as logits_fn(x_t, t) -> [B, K], a Partial.
 
-  `module` is called as module.apply({"params": params}, classifier_input(x, t, sde), t,
-  train=False) (e.g. research.models.noise_classifier.NoiseConditionalClassifier).
+  `module` is called as module.apply({"params": params}, classifier_input(x, t, sde),
+  sde.network_time(t), train=False) (research.models.noise_classifier's
+  NoiseConditionalClassifier for vectors, research.models.classifier.Classifier with a
+  time embedding for images).
   """
   return Partial(_flax_classifier(module, sde), params)
 

@@ -100,8 +100,8 @@ class DiffusionObjective:
     labels = self._labels(batch, l_rng)
 
     def model_fn(x, t):
-      return self.model.apply({"params": params}, x, t, labels, train=True,
-                              rngs={"dropout": drop_rng})
+      return self.model.apply({"params": params}, x, self.sde.network_time(t), labels,
+                              train=True, rngs={"dropout": drop_rng})
 
     per_example = self._loss_fn(model_fn, batch["x"], d_rng)
     loss = jnp.mean(per_example)
@@ -114,8 +114,8 @@ class DiffusionObjective:
       lab = labels
       if self.conditional and lab is None:
         lab = jnp.full((x.shape[0],), self.num_classes, jnp.int32)
-      return self.model.apply({"params": params}, x, t, lab if self.conditional else None,
-                              train=False)
+      return self.model.apply({"params": params}, x, self.sde.network_time(t),
+                              lab if self.conditional else None, train=False)
     return fn
 
   @property

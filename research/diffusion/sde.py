@@ -1,11 +1,16 @@
-"""Linear diffusion SDEs (VP, sub-VP, VE) on one continuous time axis, and their EDM view.
+"""Linear diffusion SDEs (VP, sub-VP, VE, EDM) on one continuous time axis, and their EDM view.
 
 Every process here is linear with a data-independent Gaussian marginal,
 
   x_t = alpha(t) x_0 + sigma(t) noise,        forward SDE  dx = f(t) x dt + g(t) dw,
 
 with f = d log alpha / dt and g^2 = d sigma^2 / dt - 2 f sigma^2 (tests check this identity
-for every SDE by autodiff). Time runs from `eps` (data side) to `T` = 1 (prior side).
+for every SDE by autodiff). Time runs from `eps` (data side) to `T` (prior side): T = 1 for
+VP / sub-VP / VE; EDM's process (Karras et al. 2022) is x_t = x_0 + t noise, so its time IS
+the noise level, t in [sigma_min, sigma_max] = [0.002, 80] by default.
+
+Networks take `network_time(t)`: t itself on the [eps, 1] axes, EDM's c_noise = ln(sigma) / 4
+for the EDM SDE (whose t spans 0.002..80, too wide for a time embedding made for [0, 1]).
 
 Three views of the same process, used by different samplers:
   * time t (Song et al. 2021): `sde(x, t)`, `reverse_drift`, `probability_flow_drift`;
@@ -30,7 +35,7 @@ import jax.numpy as jnp
 from research.diffusion import schedules as schedules_lib
 
 Array = jax.Array
-SDES = ("vp", "subvp", "ve")
+SDES = ("vp", "subvp", "ve", "edm")
 
 
 def bcast(a: Array, x: Array) -> Array:
@@ -69,6 +74,10 @@ class _LinearSDE:
 
   def t_from_edm_sigma(self, sigma) -> Array:
     return self.t_from_logsnr(-2.0 * jnp.log(jnp.asarray(sigma, jnp.float32)))
+
+  def network_time(self, t) -> Array:
+    """What a score network is given as its time input (t itself on a [eps, 1] axis)."""
+    return jnp.asarray(t, jnp.float32)
 
   def transition(self, s, t) -> Tuple[Array, Array]:
     """(alpha_{t|s}, sigma_{t|s}) of x_t | x_s for s < t (exact for any linear SDE)."""
@@ -242,14 +251,57 @@ class VESDE(_LinearSDE):
     return (-0.5 * lam - math.log(self.sigma_min)) / self._log_ratio
 
 
+@dataclasses.dataclass(frozen=True)
+class EDMSDE(_LinearSDE):
+  """EDM's process (Karras et al. 2022, "sigma(t) = t, s(t) = 1"): x_t = x_0 + t noise.
+
+  alpha = 1, sigma(t) = t, so f = 0 and g^2 = d sigma^2 / dt = 2 t; the probability-flow ODE
+  is EDM's dx/dsigma = -sigma score, and every sampler's EDM view (edm_sigma(t) = t) is the
+  identity. Time runs over [sigma_min, sigma_max] (EDM: 0.002, 80), so `eps` and `T` are those
+  two; the prior is N(0, sigma_max^2). The network sees c_noise = ln(t) / 4 (EDM Table 1).
+  """
+  sigma_min: float = 0.002
+  sigma_max: float = 80.0
+
+  @property
+  def eps(self) -> float:
+    return float(self.sigma_min)
+
+  @property
+  def T(self) -> float:  # pylint: disable=invalid-name
+    return float(self.sigma_max)
+
+  @property
+  def prior_std(self) -> float:
+    return float(self.sigma_max)
+
+  def log_alpha2(self, t):
+    return jnp.zeros_like(jnp.asarray(t, jnp.float32))
+
+  def log_sigma2(self, t):
+    return 2.0 * jnp.log(jnp.asarray(t, jnp.float32))
+
+  def f(self, t):
+    return jnp.zeros_like(jnp.asarray(t, jnp.float32))
+
+  def g2(self, t):
+    return 2.0 * jnp.asarray(t, jnp.float32)
+
+  def t_from_logsnr(self, lam):
+    return jnp.exp(-0.5 * jnp.asarray(lam, jnp.float32))
+
+  def network_time(self, t) -> Array:
+    return 0.25 * jnp.log(jnp.asarray(t, jnp.float32))
+
+
 def get_sde(name: str, **kwargs):
-  """Builds an SDE by name: "vp", "subvp" or "ve".
+  """Builds an SDE by name: "vp", "subvp", "ve" or "edm".
 
   kwargs go to the dataclass (e.g. beta_min, beta_max, eps, T; sigma_min, sigma_max for
-  "ve"); for "vp"/"subvp", `schedule` may be a name ("linear", "cosine", "scaled_linear")
+  "ve" and "edm", whose eps and T are sigma_min and sigma_max); for "vp"/"subvp", `schedule` may be a name ("linear", "cosine", "scaled_linear")
   or a schedule object.
   """
-  table = {"vp": VPSDE, "subvp": SubVPSDE, "ve": VESDE}
+  table = {"vp": VPSDE, "subvp": SubVPSDE, "ve": VESDE, "edm": EDMSDE}
   if name not in table:
     raise ValueError(f"Unknown SDE {name!r}; allowed: {', '.join(SDES)}.")
   cls = table[name]

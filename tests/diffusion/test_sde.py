@@ -16,6 +16,7 @@ SDES = {
     "subvp": sde_lib.get_sde("subvp"),
     "subvp_cosine": sde_lib.get_sde("subvp", schedule="cosine"),
     "ve": sde_lib.get_sde("ve"),
+    "edm": sde_lib.get_sde("edm"),
 }
 TS = jnp.linspace(1e-3, 1.0, 37)
 

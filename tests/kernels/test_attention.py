@@ -119,14 +119,15 @@ def test_op_pallas_interpret_equals_xla_under_jit_and_vmap():
 def test_dispatch_errors_are_clear():
   q, k, v, _ = random_inputs(0, 1, 8, 8, 2, 2, 16, jnp.float32)
   with pytest.raises(ValueError,
-                     match="allowed: 'auto', 'cudnn', 'mosaic', 'pallas', 'triton', 'xla'"):
+                     match="allowed: 'auto', 'cudnn', 'mosaic', 'pallas', 'pallas_tpu', "
+                           "'triton', 'xla'"):
     dot_product_attention(q, k, v, implementation="flash")
   with pytest.raises(ValueError, match="interpret=True"):
     dot_product_attention(q, k, v, implementation="pallas", interpret=False)
   with pytest.raises(ValueError, match="cudnn.*NVIDIA GPU"):
     dot_product_attention(q, k, v, implementation="cudnn")
-  with pytest.raises(ValueError, match="triton"):
-    dot_product_attention(q, k, v, implementation="triton")
+  with pytest.raises(ValueError, match="triton.*(GPU|jax-triton)"):
+    dot_product_attention(q, k, v, implementation="triton", interpret=False)
   with pytest.raises(ValueError, match="multiple of k/v heads"):
     dot_product_attention(q, k[:, :, :1].repeat(3, axis=2), v[:, :, :1].repeat(3, axis=2))
   with pytest.raises(ValueError, match="kv_lengths"):
@@ -136,7 +137,8 @@ def test_dispatch_errors_are_clear():
   with pytest.raises(ValueError, match="head_dim=320"):
     z = jnp.zeros((1, 8, 1, 320))
     dot_product_attention(z, z, z, implementation="pallas")
-  assert available_implementations() == ["cudnn", "mosaic", "pallas", "triton", "xla"]
+  assert available_implementations() == ["cudnn", "mosaic", "pallas", "pallas_tpu", "triton",
+                                         "xla"]
 
 
 def test_block_sizes_validation_and_fit():
