@@ -50,11 +50,17 @@ def get_config(arg=None):
     c.flow.kind = arg.kind
     c.flow.num_layers = 16
     c.flow.hidden = 256
-  if arg.reflow:
+  if arg.reflow:  # sized for a shared 2-core CPU: stage 1 and each round ~4k steps
     c.flow.reflow_rounds = int(arg.reflow)
     c.flow.reflow_pairs = 20000
-    c.flow.reflow_steps = 5000
+    c.flow.reflow_steps = 4000
+    c.train.steps = 4000
+    c.train.ckpt_every = 1000
+    c.data.batch_size = 512
+    c.model.hidden = 128
+    c.model.depth = 3
     c.sample.num_samples = 5000
+    c.sample.batch_size = 5000
   if arg.tiny:
     c.flow.reflow_pairs = 256
     c.flow.reflow_steps = 4

@@ -126,3 +126,26 @@ def test_ring_cnf_config_trains_samples_and_evaluates(tmp_path):
   ev = [r for r in rows if r["split"] == "eval"]
   assert len(ev) == 1 and ev[0]["likelihood_method"] == "cnf_ode"
   assert np.isfinite(ev[0]["nll"]) and ev[0]["nll"] > ev[0]["entropy"] - 0.5
+
+
+def test_bad_cnf_and_reflow_fields_fail_validation_naming_the_field():
+  from configs.common import override
+  from configs.flows import ring as ring_config
+  from experiments import validate
+  from experiments.options import ConfigError
+  c = ring_config.get_config("kind=cnf,tiny")
+  override(c, **{"cnf.solver": "euler", "cnf.steps": 0})
+  with pytest.raises(ConfigError, match=r"config\.cnf\.steps=0 is not allowed"):
+    validate.validate(c)
+  c = ring_config.get_config("kind=cnf,tiny")
+  override(c, **{"sample.sampler": "euler_maruyama"})
+  with pytest.raises(ConfigError, match="sampler='euler_maruyama' is not allowed for a CNF"):
+    validate.validate(c)
+  c = ring_config.get_config("kind=realnvp,reflow=1,tiny")
+  with pytest.raises(ConfigError, match=r"config\.flow\.reflow_rounds=1 is not allowed"):
+    validate.validate(c)
+  c = ring_config.get_config("kind=fm,reflow=1,tiny")
+  override(c, **{"flow.reflow_sampler": "ddpm"})
+  with pytest.raises(ConfigError, match=r"config\.flow\.reflow_sampler='ddpm' is not allowed"):
+    validate.validate(c)
+  validate.validate(ring_config.get_config("kind=cnf,reflow=1,tiny"))  # a CNF can be reflowed
