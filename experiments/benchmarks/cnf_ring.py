@@ -17,6 +17,8 @@ them). Then, on the same fresh test samples x ~ p:
 
   python -m experiments.benchmarks.cnf_ring --out /tmp/cnf_ring --budget 240
   python -m experiments.benchmarks.cnf_ring --out /tmp/cnf_ring --smoke
+  python -m experiments.benchmarks.cnf_ring --out /tmp/cnf_plain --kinds cnf \
+      --set cnf.kinetic_weight=0.0,cnf.jacobian_weight=0.0      # without RNODE
 """
 from __future__ import annotations
 
@@ -32,14 +34,15 @@ import numpy as np
 from experiments import builders
 from experiments import data as data_lib
 from experiments import state as state_lib
-from experiments.options import load_config
+from experiments.options import load_config, parse_options
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 KINDS = ("cnf", "fm", "realnvp")
 
 
 def run(kind: str, args) -> dict:
-  over = {"optim.schedule": "constant", "optim.warmup_steps": 100, "seed": args.seed}
+  over = {"optim.schedule": "constant", "optim.warmup_steps": 100, "seed": args.seed,
+          **parse_options(args.set, "--set")}
   if args.smoke:
     over.update({"model.hidden": 16, "model.depth": 1, "flow.hidden": 16,
                  "flow.num_layers": 2, "data.batch_size": 64})
@@ -94,7 +97,7 @@ def run(kind: str, args) -> dict:
           "entropy": float(-logp.mean()), "gap": float(gap.mean()),
           "gap_se": float(gap.std(ddof=1) / math.sqrt(gap.size)),
           "eval_nfe_per_solve": float(np.mean(eval_nfe)), "eval_wall_s": eval_wall,
-          "eval_cpu_s": eval_cpu, "num_test": int(args.test)}
+          "eval_cpu_s": eval_cpu, "num_test": int(args.test), "set": args.set}
 
 
 def table(rows) -> str:
@@ -103,7 +106,7 @@ def table(rows) -> str:
   lines = [head, "|---" * 10 + "|"]
   for r in rows:
     lines.append(
-        f"| {r['describe']} | {r['num_params']:,} | {r['steps']} ({r['batch_size']}) | "
+        f"| {r['describe']}{' (' + r['set'] + ')' if r.get('set') else ''} | {r['num_params']:,} | {r['steps']} ({r['batch_size']}) | "
         f"{r['train_cpu_s']:.0f} / {r['train_wall_s']:.0f} | {r['train_nfe_per_step']:.1f} | "
         f"{r['test_nll']:.3f} | {r['entropy']:.3f} | {r['gap']:.3f} ± {r['gap_se']:.3f} | "
         f"{r['eval_nfe_per_solve']:.0f} | {r['eval_wall_s']:.0f} |")
@@ -118,6 +121,7 @@ def main():
   p.add_argument("--chunk", type=int, default=25, help="steps between budget checks")
   p.add_argument("--test", type=int, default=2000, help="test samples (multiple of 1000)")
   p.add_argument("--seed", type=int, default=0)
+  p.add_argument("--set", default="", help="config overrides 'a.b=v,c.d=w' for every model")
   p.add_argument("--smoke", action="store_true", help="tiny models, 5 CPU seconds each")
   args = p.parse_args()
   if args.smoke:
