@@ -31,7 +31,7 @@ def get_config(arg=None):
   m.name = "mlp"                  # registered model: see research.models.available()
   m.hidden = 256                  # mlp: width
   m.depth = 4                     # mlp: residual blocks
-  m.time_embedding = "sinusoidal" # sinusoidal | fourier
+  m.time_embedding = "sinusoidal" # sinusoidal | fourier | linear (t itself: smooth in t, for the cnf objective)
   m.dropout = 0.0                 # dropout rate inside blocks
   m.attention_impl = "auto"       # attention op implementation: auto | pallas | mosaic | pallas_tpu | triton | cudnn | xla
   m.ch = 64                       # unet: base channels
@@ -45,7 +45,7 @@ def get_config(arg=None):
   m.pooled_context = False        # unet (text): add the pooled caption embedding to the time embedding (SDXL)
 
   # --- objective ------------------------------------------------------------------------------
-  c.objective = "diffusion"       # diffusion | flow | flow_matching | latent_diffusion
+  c.objective = "diffusion"       # diffusion | flow | flow_matching | cnf | latent_diffusion
   c.diffusion = df = ml_collections.ConfigDict()
   df.sde = "vp"                   # vp | subvp | ve | edm (x_t = x_0 + t noise, t in [sigma_min, sigma_max])
   df.beta_min = 0.1               # vp/subvp: beta(t) at t=0
@@ -146,6 +146,25 @@ def get_config(arg=None):
   f.depth = 2                     # hidden layers of each MLP conditioner (toy flows)
   f.scale_bound = 2.0             # affine couplings: log-scale = scale_bound * tanh(raw / scale_bound)
   f.remat = False                 # rematerialise each coupling in the backward pass (less memory, ~30% slower)
+  f.reflow_rounds = 0             # flow matching / cnf: reflow rounds after training (rectified flow; experiments/reflow.py); 0 = off
+  f.reflow_pairs = 20000          # reflow: (noise, ODE(noise)) couples drawn from the previous round's model, per round
+  f.reflow_steps = 5000           # reflow: training steps per round (started from the previous round's parameters)
+  f.reflow_sampler = "ode_adaptive"  # reflow: the deterministic sampler that draws the couples
+  f.reflow_sampler_steps = 1000   # reflow: its steps (ode_adaptive: its step limit)
+  f.reflow_eval_steps = (1, 2, 4, 8)  # reflow: Euler steps at which every round's samples are measured
+
+  # --- continuous normalizing flow by maximum likelihood (objective = cnf; research/flows/cnf.py) --
+  c.cnf = cn = ml_collections.ConfigDict()  # the velocity network is config.model (mlp); vector data only
+  cn.solver = "dopri5"            # training ODE solver: dopri5 | tsit5 | bosh3 | heun (adaptive or fixed) | midpoint | euler (fixed)
+  cn.steps = 0                    # 0 = adaptive step size (cnf.rtol / cnf.atol), else that many fixed steps per training solve
+  cn.rtol = 1e-5                  # adaptive training solve: relative tolerance
+  cn.atol = 1e-5                  # adaptive training solve: absolute tolerance
+  cn.max_steps = 512              # adaptive training solve: step limit (the step's solve_failed metric says when it was hit)
+  cn.adjoint = "recursive_checkpoint"  # gradients: recursive_checkpoint (exact gradient of the solve, checkpointed) | backsolve (continuous adjoint, O(1) memory) | direct
+  cn.probe = "gaussian"           # Hutchinson probes of the training divergence: gaussian | rademacher
+  cn.num_probes = 1               # Hutchinson probes per example
+  cn.kinetic_weight = 0.0         # RNODE: weight of int ||v||^2 dt (0 = off)
+  cn.jacobian_weight = 0.0        # RNODE: weight of int ||dv/dx||_F^2 dt (0 = off)
 
   # --- latent diffusion (objective = latent_diffusion; stage 1 in WORKDIR/autoencoder) ---------
   c.latent = la = ml_collections.ConfigDict()

@@ -30,6 +30,7 @@ from experiments.options import CheckpointError, ConfigError
 from research.diffusion import sde as sde_lib
 from research.diffusion.latent import LatentDiffusionObjective
 from research.diffusion.objective import DiffusionObjective
+from research.flows import cnf as cnf_lib
 from research.flows import flow_matching
 from research.flows import objective as flow_objective
 from research.models import get_model
@@ -121,6 +122,27 @@ def _flow_matching(config, spec: DataSpec, workdir=None):
   return flow_matching.FlowMatchingObjective(
       model=build_model(config, spec), data_shape=tuple(spec.dims),
       dequantize=(spec.kind == "image"), num_classes=_num_classes(config, spec))
+
+
+def _cnf(config, spec: DataSpec, workdir=None):
+  """FFJORD: the config.model velocity network trained by maximum likelihood (config.cnf)."""
+  if spec.kind != "toy":
+    raise ConfigError(f"config.objective='cnf' is not allowed for data.name="
+                      f"{config.data.name!r}: it takes vector (toy) data (a maximum-likelihood "
+                      "CNF on images solves an ODE with D-dimensional probes every training "
+                      "step; use objective='flow_matching' there).")
+  if config.train.compute_dtype != "float32":  # the log-density integral needs float32
+    raise ConfigError(f"config.train.compute_dtype={config.train.compute_dtype!r} is not "
+                      "allowed with objective='cnf' (its divergence integral needs float32); "
+                      "use 'float32'.")
+  fields = ("solver", "steps", "rtol", "atol", "max_steps", "adjoint", "probe", "num_probes",
+            "kinetic_weight", "jacobian_weight")
+  try:
+    settings = cnf_lib.CNFSettings(**{k: config.cnf[k] for k in fields})
+  except ValueError as e:
+    raise ConfigError(f"config.cnf.{e}") from None
+  return cnf_lib.CNFObjective(model=build_model(config, spec), data_shape=tuple(spec.dims),
+                              num_classes=_num_classes(config, spec), settings=settings)
 
 
 # --- latent diffusion ------------------------------------------------------------------------
@@ -235,7 +257,7 @@ def _latent(config, spec: DataSpec, workdir=None):
 
 # config.objective -> builder(config, spec, workdir) of the objective.
 OBJECTIVES: Dict[str, Callable] = {"diffusion": _diffusion, "flow": _flow,
-                                   "flow_matching": _flow_matching,
+                                   "flow_matching": _flow_matching, "cnf": _cnf,
                                    "latent_diffusion": _latent}
 
 

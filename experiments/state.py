@@ -92,7 +92,10 @@ def restore_newest(config, directory: str, state, *, quarantine: bool = False,
 
 
 def restore_trained(config, workdir: str, objective, spec, mesh=None) -> TrainState:
-  """The newest good checkpoint's state; a clear error (not an untrained model) when none."""
+  """The newest good checkpoint's state; a clear error (not an untrained model) when none.
+
+  A reflow job's trained model is its last round's (experiments.workdir.trained_dir)."""
+  workdir = wd.trained_dir(config, workdir)
   ckpt = wd.Checkpointer(workdir, keep=config.train.keep_ckpts)
   latest, directory = ckpt.latest_step(), ckpt.directory
   ckpt.close()

@@ -2,7 +2,8 @@
 
 A latent diffusion job (builders.has_autoencoder_stage) first runs stage 1 (experiments/
 latent.py: the autoencoder, skipped when finished) and saves the caption vocabulary; stage 2
-then trains in the workdir on the frozen encoder's scaled latents.
+then trains in the workdir on the frozen encoder's scaled latents. A flow-matching job with
+flow.reflow_rounds > 0 then runs its reflow rounds (experiments/reflow.py).
 """
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from experiments import builders
 from experiments import data as data_lib
 from experiments import latent as latent_lib
 from experiments import mesh as mesh_lib
+from experiments import reflow as reflow_lib
 from experiments import state as state_lib
 from experiments import summaries
 from experiments import workdir as wd
@@ -38,9 +40,11 @@ def train(config, workdir: str) -> TrainState:
     ckpt.close()
     raise
   try:
-    return _train(config, workdir, spec, objective, mesh, state, ckpt, writer)
+    state = _train(config, workdir, spec, objective, mesh, state, ckpt, writer)
   finally:
     writer.close()
+  # flow.reflow_rounds > 0: the rectified-flow rounds, each in WORKDIR/reflow/round_<r>.
+  return reflow_lib.reflow(config, workdir, objective, spec, state, mesh)
 
 
 def _train(config, workdir, spec, objective, mesh, state, ckpt, writer) -> TrainState:

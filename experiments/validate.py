@@ -29,6 +29,7 @@ from research.diffusion import losses as losses_lib
 from research.diffusion import samplers
 from research.diffusion import sde as sde_lib
 from research.diffusion.schedules import SCHEDULES
+from research.flows import cnf as cnf_lib
 from research.flows.models import KINDS as FLOW_KINDS
 from research.diffusion.parameterization import NETWORK_PREDICTIONS
 from research.models import autoencoder as autoencoder_lib
@@ -270,12 +271,40 @@ def _devices(config):
   mesh_lib.check_batch(config, mesh)
 
 
+def _reflow(config, objective) -> None:
+  """flow.reflow_* against what the objective can do; ConfigError naming the field."""
+  positive_int(config, "flow.reflow_rounds", zero_ok=True)
+  if not config.flow.reflow_rounds:
+    return
+  if not hasattr(objective, "reflow_pairs") or not hasattr(objective, "straightness"):
+    fail("flow.reflow_rounds", config.flow.reflow_rounds,
+         f"0 for objective={config.objective!r}, which has no ODE coupling to reflow "
+         "(allowed: objective='flow_matching' or 'cnf')")
+  positive_int(config, "flow.reflow_pairs")
+  positive_int(config, "flow.reflow_steps")
+  positive_int(config, "flow.reflow_sampler_steps")
+  names = tuple(objective.sampler_names)
+  odes = [n for n in names if n in cnf_lib.ODE_SAMPLERS]  # integrate dx/dt = v themselves
+  if config.flow.reflow_sampler not in odes:
+    fail("flow.reflow_sampler", config.flow.reflow_sampler,
+         "an ODE sampler that draws a deterministic coupling: one of "
+         + ", ".join(map(repr, odes)))
+  steps = config.flow.reflow_eval_steps
+  if (not isinstance(steps, (tuple, list)) or not steps
+      or any(isinstance(s, bool) or not isinstance(s, int) or s < 1 for s in steps)):
+    fail("flow.reflow_eval_steps", steps, "a non-empty tuple of integers >= 1, e.g. (1, 2, 4, 8)")
+  if config.data.conditional:
+    fail("flow.reflow_rounds", config.flow.reflow_rounds,
+         "0 with data.conditional=True (reflow here couples unconditional samples)")
+
+
 def _objective(config, mode: str):
   """What the config asks of the objective, asked of the objective itself."""
   spec = data_lib.build_data_spec(config)
   objective = builders.build_objective(config, spec)
   name = builders.objective_name(config)
   check_sample_requests(config, objective)
+  _reflow(config, objective)
   if config.sample.prompts:
     if not getattr(objective, "takes_prompts", False):
       fail("sample.prompts", tuple(config.sample.prompts),

@@ -388,3 +388,24 @@ class Checkpointer:
       self.manager.wait_until_finished()
     finally:
       self.manager.close()
+
+
+REFLOW_DIR = "reflow"  # WORKDIR/reflow/round_<r>: the reflow rounds of experiments/reflow.py
+
+
+def reflow_round_dir(workdir: str, r: int) -> str:
+  return os.path.join(workdir, REFLOW_DIR, f"round_{r}")
+
+
+def trained_dir(config, workdir: str) -> str:
+  """Where a job's trained model lives: WORKDIR, or (flow.reflow_rounds = R > 0) the last
+  reflow round's directory once it holds a checkpoint."""
+  r = int(config.flow.get("reflow_rounds", 0))
+  last = reflow_round_dir(workdir, r)
+  if r and os.path.isdir(os.path.join(last, "checkpoints")):
+    ckpt = Checkpointer(last, keep=config.train.keep_ckpts)
+    latest = ckpt.latest_step()
+    ckpt.close()
+    if latest is not None:
+      return last
+  return workdir

@@ -29,7 +29,7 @@ EXPERIMENT_FLOORS = [
     {"mesh", "workdir", "sweep_cells"},
     {"data", "summaries"},
     {"builders", "state", "image_metrics"},
-    {"validate", "latent", "sample"},
+    {"validate", "latent", "sample", "reflow"},
     {"train", "evaluate", "sweep", "guided"},
     {"report"},
     {"main"},
