@@ -92,7 +92,6 @@ def test_cfg_then_classifier_guidance_tiny(tmp_path):
     ({"guidance.kind": "classifier", "guidance.classifier_steps": 0},
      "guidance.classifier_steps"),
     ({"guidance.kind": "classifier", "diffusion.p_uncond": 0.0}, "guidance.classifier_base"),
-    ({"guidance.kind": "classifier", "data.name": "digits"}, "guidance.kind"),
     ({"data.name": "swissroll"}, "guidance.kind"),
     ({"guidance.kind": "cfg", "diffusion.p_uncond": 0.0}, "diffusion.p_uncond"),
 ])
