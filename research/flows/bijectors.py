@@ -242,8 +242,8 @@ class MaskedDense(nn.Module):
 class MADE(nn.Module):
   """Autoregressive conditioner: x [B, D] (+ context [B, E]) -> params [B, D, out_per_input].
 
-  params[:, i] depends on x[:, :i] only (and on the context, which enters unmasked through the
-  first hidden layer). The last layer starts at zero.
+  params[:, i] depends on x[:, :i] only, and on the context, which enters unmasked into the
+  first hidden layer and the output. The output layers start at zero.
   """
   hidden: int
   depth: int
@@ -261,6 +261,9 @@ class MADE(nn.Module):
       h = nn.gelu(h)
     out = MaskedDense(d * self.out_per_input, masks[-1], zero_init=True,
                       name=f"masked{len(masks) - 1}")(h)
+    if context is not None:  # directly too: no hidden unit reaches output group 0
+      out = out + nn.Dense(d * self.out_per_input, use_bias=False,
+                           kernel_init=nn.initializers.zeros, name="context_out")(context)
     return out.reshape(x.shape[0], d, self.out_per_input)
 
 

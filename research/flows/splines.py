@@ -17,7 +17,7 @@ Inside bin k with xi = (x - x_k) / w_k in [0, 1], s_k = h_k / w_k (Durkan et al.
 
   y = y_k + h_k (s_k xi^2 + d_k xi (1 - xi)) / (s_k + (d_k + d_{k+1} - 2 s_k) xi (1 - xi))
 
-The inverse solves the quadratic for xi in its numerically stable form 2c / (-b - sqrt(b^2 - 4ac)).
+The inverse solves the quadratic for xi in its cancellation-free form for either sign of b.
 
 References:
   Durkan, Bekasov, Murray, Papamakarios. Neural Spline Flows. NeurIPS 2019 (arXiv:1906.04032).
@@ -131,8 +131,14 @@ def rational_quadratic_spline(x: Array, params: Array, settings: SplineSettings 
     a = h * (s - d0) + dy * dsum
     b = h * d0 - dy * dsum
     c = -s * dy
-    disc = jnp.maximum(b * b - 4.0 * a * c, 0.0)
-    xi = jnp.clip((2.0 * c) / (-b - jnp.sqrt(disc)), 0.0, 1.0)
+    sq = jnp.sqrt(jnp.maximum(b * b - 4.0 * a * c, 0.0))
+    # The same root written without cancellation for either sign of b:
+    # 2c / (-b - sqrt(disc)) == (-b + sqrt(disc)) / (2a).
+    pos = b >= 0
+    num = jnp.where(pos, 2.0 * c, -b + sq)
+    den = jnp.where(pos, -b - sq, 2.0 * a)
+    den = jnp.where(den == 0, 1.0, den)  # only where the numerator is 0 too (dy = 0)
+    xi = jnp.clip(num / den, 0.0, 1.0)
     out = x0 + xi * w
   else:
     xi = jnp.clip((xc - x0) / w, 0.0, 1.0)
