@@ -151,8 +151,12 @@ class Coupling(nn.Module):
 
   @nn.compact
   def _shift_and_log_scale(self, x: Array, mask: Array, context: Optional[Array]):
+    """(shift, log_scale) masked to the transformed part; for splines (params [*x.shape, 3K-1],
+    the transformed part's 0/1 indicator)."""
     if self.kind not in COUPLINGS:
       raise ValueError(f"coupling kind={self.kind!r} is not allowed; allowed: {COUPLINGS}.")
+    if self.kind == "spline":
+      self.spline.validate()
     mask = jnp.broadcast_to(mask, x.shape[1:]).astype(x.dtype)
     n_out = {"additive": 1, "affine": 2, "spline": self.spline.num_params}[self.kind]
     if x.ndim == 2:
