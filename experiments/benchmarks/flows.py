@@ -54,6 +54,23 @@ def _is_actnorm(path) -> bool:
   return any("actnorm" in str(getattr(k, "key", k)) for k in path)
 
 
+def actnorm_stats(params) -> Dict:
+  """Where the learned ActNorms ended: per-layer log-scales [L, C] summed over layers, extremes."""
+  found = {}
+  jax.tree_util.tree_map_with_path(
+      lambda p, x: found.setdefault(str(getattr(p[-1], "key", p[-1])), []).append(x)
+      if _is_actnorm(p) else None, params)
+  if not found:
+    return {}
+  ls = np.concatenate([np.asarray(x).reshape(-1, np.asarray(x).shape[-1])
+                       for x in found["log_scale"]])
+  bias = np.concatenate([np.asarray(x).reshape(-1) for x in found["bias"]])
+  return {"actnorm_log_scale_total": ls.sum(axis=0).tolist(),
+          "actnorm_log_scale_abs_max": float(np.abs(ls).max()),
+          "actnorm_log_scale_layer0": ls[0].tolist(),
+          "actnorm_bias_abs_max": float(np.abs(bias).max())}
+
+
 def train(objective, init_batch, next_batch: Callable, *, steps: int, lr: float, seed: int,
           chunk: int = 100, actnorm_init: str = "data", actnorm_lr_scale: float = 1.0):
   """Adam with warmup + cosine decay and global-norm clipping; `chunk` steps per device call.
@@ -157,7 +174,7 @@ def ring_task(model: str, args, seed: int) -> Dict:
           "gap": float(gap.mean()), "gap_se": float(gap.std() / math.sqrt(len(gap))),
           "entropy_se": float(np.std(np.asarray(log_p)) / math.sqrt(len(gap))),
           "train_seconds": seconds, "eval_seconds": eval_seconds, "steps": args.ring_steps,
-          "final_train_loss": log[-1][1], "train_log": log}
+          "final_train_loss": log[-1][1], "train_log": log, **actnorm_stats(params)}
 
 
 # --- digits ------------------------------------------------------------------------------------
