@@ -2,9 +2,9 @@
 
   NICE     additive couplings with alternating masks, then a diagonal scaling layer.
   RealNVP  affine couplings with alternating masks (checkerboard and channel for images), each
-           preceded by ActNorm (our stand-in for RealNVP's batch norm: same role, no batch
-           statistics at test time).
-  Glow     ActNorm -> invertible 1x1 convolution (LU) -> affine coupling with a channel mask.
+           preceded by ActNorm in image flows (our stand-in for RealNVP's batch norm: same
+           role, no batch statistics at test time).
+  Glow     [ActNorm] -> invertible 1x1 convolution (LU) -> affine coupling with a channel mask.
   spline   rational-quadratic spline couplings with alternating masks (neural spline flow,
            Durkan et al. 2019).
   maf      masked autoregressive layers with spline transformers (MADE conditioner), each
