@@ -139,13 +139,16 @@ def get_config(arg=None):
 
   # --- flows (objective = flow) -----------------------------------------------------------------
   c.flow = f = ml_collections.ConfigDict()
-  f.kind = "realnvp"              # nice | realnvp | glow
+  f.kind = "realnvp"              # nice | realnvp | glow | spline (RQ-spline couplings) | maf (masked autoregressive splines; vectors only)
   f.num_layers = 8                # coupling layers (per scale for image flows)
   f.hidden = 128                  # conditioner width / channels
   f.num_scales = 2                # image flows: multi-scale levels
   f.depth = 2                     # hidden layers of each MLP conditioner (toy flows)
   f.scale_bound = 2.0             # affine couplings: log-scale = scale_bound * tanh(raw / scale_bound)
   f.remat = False                 # rematerialise each coupling in the backward pass (less memory, ~30% slower)
+  f.actnorm = "auto"              # ActNorm before every step: auto (on for image flows, off for vector flows: README "Flows") | on | off
+  f.num_bins = 8                  # spline | maf: bins K of each rational-quadratic spline
+  f.tail_bound = 5.0              # spline | maf: splines on [-B, B], the identity outside
   f.reflow_rounds = 0             # flow matching / cnf: reflow rounds after training (rectified flow; experiments/reflow.py); 0 = off
   f.reflow_pairs = 20000          # reflow: (noise, ODE(noise)) couples drawn from the previous round's model, per round
   f.reflow_steps = 5000           # reflow: training steps per round (started from the previous round's parameters)

@@ -115,7 +115,8 @@ def _flow(config, spec: DataSpec, workdir=None):
       f.kind, tuple(spec.dims), image=(spec.kind == "image"), num_layers=int(f.num_layers),
       hidden=int(f.hidden), depth=int(f.depth), num_scales=int(f.num_scales),
       scale_bound=float(f.scale_bound), num_classes=_num_classes(config, spec),
-      remat=bool(f.remat))
+      remat=bool(f.remat), actnorm={"auto": None, "on": True, "off": False}[f.actnorm],
+      num_bins=int(f.num_bins), tail_bound=float(f.tail_bound))
 
 
 def _flow_matching(config, spec: DataSpec, workdir=None):

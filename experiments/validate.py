@@ -31,6 +31,7 @@ from research.diffusion import sde as sde_lib
 from research.diffusion.schedules import SCHEDULES
 from research.flows import cnf as cnf_lib
 from research.flows.models import KINDS as FLOW_KINDS
+from research.flows.models import VECTOR_ONLY_KINDS as VECTOR_ONLY_FLOW_KINDS
 from research.diffusion.parameterization import NETWORK_PREDICTIONS
 from research.models import autoencoder as autoencoder_lib
 from research.models import registry as model_registry
@@ -39,6 +40,7 @@ from research.objective import GUIDANCE_KINDS
 from research.train_state import SCHEDULES as LR_SCHEDULES
 
 GUIDANCE = ("none",) + GUIDANCE_KINDS
+ACTNORM_CHOICES = ("auto", "on", "off")
 
 
 def _data(config):
@@ -136,6 +138,17 @@ def _flow(config):
   positive_float(config, "flow.scale_bound")
   if not isinstance(config.flow.remat, bool):
     fail("flow.remat", config.flow.remat, "True or False")
+  choice(config, "flow.actnorm", ACTNORM_CHOICES)
+  if config.flow.kind == "nice" and config.flow.actnorm == "on":
+    fail("flow.actnorm", "on", "'auto' or 'off' with flow.kind='nice'")
+  if not isinstance(config.flow.num_bins, int) or config.flow.num_bins < 2:
+    fail("flow.num_bins", config.flow.num_bins, "an integer >= 2")
+  positive_float(config, "flow.tail_bound")
+  if (config.objective == "flow" and config.flow.kind in VECTOR_ONLY_FLOW_KINDS
+      and config.data.name not in toy.DATASETS.names()):
+    fail("flow.kind", config.flow.kind, "a vector-data dataset (" + ", ".join(
+        toy.DATASETS.names()) + f") or, for images, one of "
+        f"{', '.join(k for k in FLOW_KINDS if k not in VECTOR_ONLY_FLOW_KINDS)}")
 
 
 def _optim_and_loop(config):

@@ -2,22 +2,27 @@
 
   python -m experiments.main --config=configs/flows/ring.py --workdir=/tmp/ring_realnvp
   python -m experiments.main --config=configs/flows/ring.py:kind=glow --workdir=/tmp/ring_glow
+  python -m experiments.main --config=configs/flows/ring.py:kind=spline --workdir=/tmp/ring_spline
+  python -m experiments.main --config=configs/flows/ring.py:kind=maf --workdir=/tmp/ring_maf
   python -m experiments.main --config=configs/flows/ring.py:kind=fm --workdir=/tmp/ring_fm
   python -m experiments.main --config=configs/flows/ring.py:kind=nice,tiny --workdir=/tmp/t
   python -m experiments.main --config=configs/flows/ring.py:kind=cnf --workdir=/tmp/ring_cnf
   python -m experiments.main --config=configs/flows/ring.py:kind=fm,reflow=1 --workdir=/tmp/ring_rf
 
-Variants (`:a,b=c`): kind=nice|realnvp|glow (coupling flows, objective "flow") or fm (flow
-matching with the MLP velocity network, objective "flow_matching") or cnf (the MLP vector field
-trained by maximum likelihood through the ODE, FFJORD with RNODE's regularisers, objective
-"cnf", settings config.cnf); reflow=R (fm, cnf: R rectified-flow rounds after training,
+Variants (`:a,b=c`): kind=nice|realnvp|glow|spline|maf (objective "flow": coupling flows,
+rational-quadratic spline couplings, masked autoregressive spline flow) or fm (flow matching
+with the MLP velocity network, objective "flow_matching") or cnf (the MLP vector field trained
+by maximum likelihood through the ODE, FFJORD with RNODE's regularisers, objective "cnf",
+settings config.cnf); reflow=R (fm, cnf: R rectified-flow rounds after training,
 flow.reflow_*, experiments/reflow.py); tiny (seconds; tests).
+ActNorm is off in these vector flows by default (`--config.flow.actnorm=on` brings it back;
+the README's ablation says why).
 Test NLL against the true entropy: experiments/benchmarks/flows.py.
 """
 from configs import base
 from configs.common import parse_arg
 
-KINDS = ("nice", "realnvp", "glow", "fm", "cnf")
+KINDS = ("nice", "realnvp", "glow", "spline", "maf", "fm", "cnf")
 
 
 def get_config(arg=None):
@@ -50,6 +55,10 @@ def get_config(arg=None):
     c.flow.kind = arg.kind
     c.flow.num_layers = 16
     c.flow.hidden = 256
+    if arg.kind in ("spline", "maf"):
+      c.flow.num_layers = 8             # each layer is a K-bin spline: half the affine depth
+      c.flow.num_bins = 8
+      c.flow.tail_bound = 5.0           # the ring lies within radius 4 + 4 std
   if arg.reflow:  # sized for a shared 2-core CPU: stage 1 and each round ~4k steps
     c.flow.reflow_rounds = int(arg.reflow)
     c.flow.reflow_pairs = 20000

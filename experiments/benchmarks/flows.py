@@ -1,4 +1,5 @@
-"""Density-estimation benchmark for coupling flows (NICE, RealNVP, Glow) and flow matching.
+"""Density-estimation benchmark for normalizing flows (NICE, RealNVP, Glow, neural spline
+couplings, masked autoregressive spline flows) and flow matching.
 
 Two tasks:
   ring    8 Gaussians on a circle of radius 4, std 0.3 (research.data.toy.Ring). Training data
@@ -7,10 +8,15 @@ Two tasks:
           the same samples, so the gap NLL - H = KL(p || q) comes with a paired standard error.
   digits  scikit-learn's 8x8 digits (research.data.digits), 8-bit, trained with uniform
           dequantisation; test bits/dim averaged over several dequantisation draws.
+With --seeds N every model is trained N times (training seeds seed .. seed+N-1: parameter
+init and the training data stream; the test set stays fixed) and the table gives the mean +- std
+over those runs next to the mean test-sampling error of one run.
 Prints a markdown table and writes results.json, results.md and sample figures under --out.
 
   python -m experiments.benchmarks.flows --out /tmp/flows            # full run
   python -m experiments.benchmarks.flows --out /tmp/flows --smoke    # a tiny run (seconds)
+  python -m experiments.benchmarks.flows --out /tmp/r --tasks ring --models realnvp --seeds 3 \
+      --actnorm on                                                   # the ActNorm ablation
 """
 from __future__ import annotations
 
@@ -30,7 +36,7 @@ from research.data import digits as digits_lib
 from research.data import toy
 from research.flows import objective as flow_objective
 
-COUPLING_MODELS = ("nice", "realnvp", "glow")
+COUPLING_MODELS = ("nice", "realnvp", "glow", "spline", "maf")
 
 
 def _flow_matching_available() -> bool:
@@ -44,13 +50,45 @@ def _flow_matching_available() -> bool:
   return True
 
 
+def _is_actnorm(path) -> bool:
+  return any("actnorm" in str(getattr(k, "key", k)) for k in path)
+
+
+def actnorm_stats(params) -> Dict:
+  """Where the learned ActNorms ended: per-layer log-scales [L, C] summed over layers, extremes."""
+  found = {}
+  jax.tree_util.tree_map_with_path(
+      lambda p, x: found.setdefault(str(getattr(p[-1], "key", p[-1])), []).append(x)
+      if _is_actnorm(p) else None, params)
+  if not found:
+    return {}
+  ls = np.concatenate([np.asarray(x).reshape(-1, np.asarray(x).shape[-1])
+                       for x in found["log_scale"]])
+  bias = np.concatenate([np.asarray(x).reshape(-1) for x in found["bias"]])
+  return {"actnorm_log_scale_total": ls.sum(axis=0).tolist(),
+          "actnorm_log_scale_abs_max": float(np.abs(ls).max()),
+          "actnorm_log_scale_layer0": ls[0].tolist(),
+          "actnorm_bias_abs_max": float(np.abs(bias).max())}
+
+
 def train(objective, init_batch, next_batch: Callable, *, steps: int, lr: float, seed: int,
-          chunk: int = 100):
-  """Adam with warmup + cosine decay and global-norm clipping; `chunk` steps per device call."""
+          chunk: int = 100, actnorm_init: str = "data", actnorm_lr_scale: float = 1.0):
+  """Adam with warmup + cosine decay and global-norm clipping; `chunk` steps per device call.
+
+  The ActNorm ablation knobs (no effect on a flow without ActNorm): actnorm_init="identity"
+  resets every ActNorm to the identity after the data-dependent init; actnorm_lr_scale scales
+  the ActNorm parameters' updates (0 freezes them at their initial values). The log also
+  records the global gradient norm before clipping, the share of it that falls on ActNorm
+  parameters and the fraction of steps the clip was active.
+  """
   sched = optax.warmup_cosine_decay_schedule(0.0, lr, min(200, steps // 10 + 1), steps, lr * 0.01)
   tx = optax.chain(optax.clip_by_global_norm(1.0), optax.adam(sched))
   init_rng, rng = jax.random.split(jax.random.PRNGKey(seed))
   params = jax.jit(objective.init)(init_rng, init_batch)
+  if actnorm_init == "identity":
+    params = jax.tree_util.tree_map_with_path(
+        lambda p, x: jnp.zeros_like(x) if _is_actnorm(p) else x, params)
+  an_mask = jax.tree_util.tree_map_with_path(lambda p, _: _is_actnorm(p), params)
   opt_state = tx.init(params)
 
   def one_step(carry, step):
@@ -58,34 +96,49 @@ def train(objective, init_batch, next_batch: Callable, *, steps: int, lr: float,
     batch = next_batch(step)
     (loss, metrics), grads = jax.value_and_grad(objective.loss, has_aux=True)(
         params, batch, jax.random.fold_in(rng, step))
+    gnorm = optax.global_norm(grads)
+    an_sq = sum(jnp.sum(g**2) for g, m in zip(jax.tree.leaves(grads), jax.tree.leaves(an_mask))
+                if m)
     updates, opt_state = tx.update(grads, opt_state, params)
-    return (optax.apply_updates(params, updates), opt_state), loss
+    if actnorm_lr_scale != 1.0:
+      updates = jax.tree.map(lambda u, m: u * actnorm_lr_scale if m else u, updates, an_mask)
+    diag = jnp.stack([loss, gnorm, jnp.sqrt(an_sq) / gnorm, (gnorm > 1.0).astype(jnp.float32)])
+    return (optax.apply_updates(params, updates), opt_state), diag
 
   @jax.jit
   def run_chunk(params, opt_state, start):
-    (params, opt_state), losses = jax.lax.scan(one_step, (params, opt_state),
-                                               start + jnp.arange(chunk))
-    return params, opt_state, jnp.mean(losses)
+    (params, opt_state), diag = jax.lax.scan(one_step, (params, opt_state),
+                                             start + jnp.arange(chunk))
+    return params, opt_state, jnp.mean(diag, axis=0)
 
   t0 = time.time()
   log = []
   for start in range(0, steps, chunk):
-    params, opt_state, loss = run_chunk(params, opt_state, start)
+    params, opt_state, diag = run_chunk(params, opt_state, start)
     if (start // chunk) % max(1, steps // chunk // 10) == 0 or start + chunk >= steps:
-      loss = float(loss)
+      loss, gnorm, an_share, clipped = (float(v) for v in diag)
       if not math.isfinite(loss):
         raise FloatingPointError(f"training loss is {loss} at step {start + chunk}")
-      log.append((start + chunk, loss))
-      print(f"    step {start + chunk:6d}  train loss {loss:.4f}  ({time.time() - t0:.0f}s)",
+      log.append((start + chunk, loss, gnorm, an_share, clipped))
+      print(f"    step {start + chunk:6d}  train loss {loss:.4f}  grad norm {gnorm:.3f} "
+            f"(ActNorm share {an_share:.2f}, clipped {clipped:.0%})  ({time.time() - t0:.0f}s)",
             flush=True)
   return params, time.time() - t0, log
 
 
 # --- ring --------------------------------------------------------------------------------------
 
-def ring_task(model: str, args) -> Dict:
+def _flow_kwargs(model: str, args) -> Dict:
+  """Options every coupling / autoregressive flow of the benchmark shares."""
+  actnorm = {"auto": None, "on": True, "off": False}[args.actnorm]
+  if model == "nice":
+    actnorm = None
+  return dict(actnorm=actnorm, num_bins=args.num_bins, tail_bound=args.tail_bound)
+
+
+def ring_task(model: str, args, seed: int) -> Dict:
   dist = toy.Ring(num_modes=8, radius=4.0, std=0.3, dim=2)
-  data_rng = jax.random.PRNGKey(args.seed + 1)
+  data_rng = jax.random.PRNGKey(seed + 1)
   test_x, _ = dist.sample(jax.random.PRNGKey(args.seed + 2), args.ring_test)
 
   def next_batch(step):
@@ -96,10 +149,14 @@ def ring_task(model: str, args) -> Dict:
     from research.flows import flow_matching
     obj = flow_matching.make_objective((2,), hidden=args.ring_hidden, depth=args.fm_depth)
   else:
-    obj = flow_objective.make_objective(model, (2,), image=False, num_layers=args.ring_layers,
-                                        hidden=args.ring_hidden, depth=2)
+    layers = args.spline_layers if model in ("spline", "maf") and args.spline_layers else \
+        args.ring_layers
+    obj = flow_objective.make_objective(model, (2,), image=False, num_layers=layers,
+                                        hidden=args.ring_hidden, depth=2,
+                                        **_flow_kwargs(model, args))
   params, seconds, log = train(obj, next_batch(args.ring_steps), next_batch, steps=args.ring_steps,
-                               lr=args.lr, seed=args.seed)
+                               lr=args.lr, seed=seed, actnorm_init=args.actnorm_init,
+                               actnorm_lr_scale=args.actnorm_lr_scale)
   t0 = time.time()
   # Flow matching: the shared probability-flow likelihood (exact divergence; it jits itself).
   log_prob = obj.log_prob if model == "flow_matching" else jax.jit(obj.log_prob)
@@ -110,22 +167,25 @@ def ring_task(model: str, args) -> Dict:
   nll, entropy = float(-jnp.mean(log_q)), float(-jnp.mean(log_p))
   gap = np.asarray(log_p - log_q, np.float64)
   sample = obj.sample if model == "flow_matching" else jax.jit(obj.sample, static_argnums=2)
-  samples, _ = sample(params, jax.random.PRNGKey(args.seed + 3), 2000)
+  samples, _ = sample(params, jax.random.PRNGKey(seed + 3), 2000)
   _scatter(np.asarray(samples), np.asarray(test_x[:2000]), f"{model} on the ring",
-           os.path.join(args.out, f"ring_{model}.png"))
-  return {"task": "ring", "model": model, "test_nll": nll, "true_entropy": entropy,
+           os.path.join(args.out, f"ring_{model}_seed{seed}.png"))
+  return {"task": "ring", "model": model + args.tag, "seed": seed, "test_nll": nll, "true_entropy": entropy,
           "gap": float(gap.mean()), "gap_se": float(gap.std() / math.sqrt(len(gap))),
+          # A heavy tail of badly covered test points shows up here before it does in the mean.
+          "gap_median": float(np.median(gap)), "gap_max": float(gap.max()),
+          "frac_gap_over_3": float(np.mean(gap > 3.0)),
           "entropy_se": float(np.std(np.asarray(log_p)) / math.sqrt(len(gap))),
           "train_seconds": seconds, "eval_seconds": eval_seconds, "steps": args.ring_steps,
-          "final_train_loss": log[-1][1]}
+          "final_train_loss": log[-1][1], "train_log": log, **actnorm_stats(params)}
 
 
 # --- digits ------------------------------------------------------------------------------------
 
-def digits_task(model: str, args) -> Dict:
+def digits_task(model: str, args, seed: int) -> Dict:
   train_x = jnp.asarray(digits_lib.to_model_space(digits_lib.load_digits("train", args.seed)[0]))
   test_x = jnp.asarray(digits_lib.to_model_space(digits_lib.load_digits("test", args.seed)[0]))
-  data_rng = jax.random.PRNGKey(args.seed + 1)
+  data_rng = jax.random.PRNGKey(seed + 1)
   n = train_x.shape[0]
 
   def next_batch(step):
@@ -139,9 +199,10 @@ def digits_task(model: str, args) -> Dict:
   else:
     obj = flow_objective.make_objective(model, (8, 8, 1), image=True,
                                         num_layers=args.digits_layers, hidden=args.digits_hidden,
-                                        num_scales=2)
+                                        num_scales=2, **_flow_kwargs(model, args))
   params, seconds, log = train(obj, next_batch(args.digits_steps), next_batch, steps=args.digits_steps,
-                               lr=args.lr, seed=args.seed)
+                               lr=args.lr, seed=seed, actnorm_init=args.actnorm_init,
+                               actnorm_lr_scale=args.actnorm_lr_scale)
   # Test bits/dim on the whole test set, averaged over dequantisation draws: the loss for
   # coupling flows, the probability-flow ODE likelihood for flow matching.
   t0 = time.time()
@@ -157,17 +218,17 @@ def digits_task(model: str, args) -> Dict:
   bpds = [bpd_fn(params, test_x, jax.random.PRNGKey(1000 + i)) for i in range(draws)]
   train_bpd = bpd_fn(params, train_x[:359], jax.random.PRNGKey(999))
   eval_seconds = time.time() - t0
-  result = {"task": "digits", "model": model, "test_bpd": float(np.mean(bpds)),
+  result = {"task": "digits", "model": model + args.tag, "seed": seed, "test_bpd": float(np.mean(bpds)),
             "test_bpd_se": float(np.std(bpds) / math.sqrt(len(bpds))), "train_bpd": train_bpd,
             "train_seconds": seconds, "eval_seconds": eval_seconds, "steps": args.digits_steps,
             "final_train_loss": log[-1][1]}
   for temp in ((1.0,) if model == "flow_matching" else (1.0, 0.7)):
     if model == "flow_matching":
-      x, _ = obj.sample(params, jax.random.PRNGKey(args.seed + 4), 64)
+      x, _ = obj.sample(params, jax.random.PRNGKey(seed + 4), 64)
     else:
-      x, _ = jax.jit(obj.sample, static_argnums=2)(
-          params, jax.random.PRNGKey(args.seed + 4), 64, None, temp)
-    _grid(np.asarray(x), os.path.join(args.out, f"digits_{model}_t{temp}.png"),
+      x, _ = jax.jit(lambda p, r: obj.sample(p, r, 64, temperature=temp))(
+          params, jax.random.PRNGKey(seed + 4))
+    _grid(np.asarray(x), os.path.join(args.out, f"digits_{model}_t{temp}_seed{seed}.png"),
           f"{model}, T={temp}")
   return result
 
@@ -208,23 +269,56 @@ def _grid(x, path, title):
   plt.close(fig)
 
 
+def _mean_std(values):
+  v = np.asarray(values, np.float64)
+  return float(v.mean()), float(v.std(ddof=1)) if len(v) > 1 else float("nan")
+
+
+def summarize(results):
+  """One row per (task, model): mean +- std over training seeds, mean test-sampling error."""
+  rows = []
+  for task, key, se_key in (("ring", "gap", "gap_se"), ("digits", "test_bpd", "test_bpd_se")):
+    for model in dict.fromkeys(r["model"] for r in results if r["task"] == task):
+      runs = [r for r in results if r["task"] == task and r["model"] == model]
+      mean, std = _mean_std([r[key] for r in runs])
+      rows.append({"task": task, "model": model, "seeds": [r["seed"] for r in runs],
+                   key: mean, f"{key}_seed_std": std,
+                   se_key: float(np.mean([r[se_key] for r in runs])),
+                   "train_seconds": float(np.mean([r["train_seconds"] for r in runs])),
+                   **({"true_entropy": runs[0]["true_entropy"],
+                       "entropy_se": runs[0]["entropy_se"],
+                       "test_nll": float(np.mean([r["test_nll"] for r in runs]))}
+                      if task == "ring" else
+                      {"train_bpd": float(np.mean([r["train_bpd"] for r in runs]))})})
+  return rows
+
+
+def _pm(std):
+  return "" if not math.isfinite(std) else f" ± {std:.3f}"
+
+
 def _table(results) -> str:
   lines = []
-  ring = [r for r in results if r["task"] == "ring"]
+  rows = summarize(results)
+  ring = [r for r in rows if r["task"] == "ring"]
   if ring:
-    lines += ["| ring (8 Gaussians, r=4, std 0.3) | test NLL (nats) | true entropy | gap (KL) | "
-              "train s |", "|---|---|---|---|---|"]
+    lines += ["| ring (8 Gaussians, r=4, std 0.3) | seeds | test NLL (nats) | true entropy | "
+              "gap (KL), mean ± std over seeds | test-sampling error | train s (mean) |",
+              "|---|---|---|---|---|---|---|"]
     for r in ring:
-      lines.append(f"| {r['model']} | {r['test_nll']:.3f} | {r['true_entropy']:.3f} "
-                   f"± {r['entropy_se']:.3f} | {r['gap']:.3f} ± {r['gap_se']:.3f} | "
+      lines.append(f"| {r['model']} | {len(r['seeds'])} | {r['test_nll']:.3f} | "
+                   f"{r['true_entropy']:.3f} ± {r['entropy_se']:.3f} | "
+                   f"{r['gap']:.3f}{_pm(r['gap_seed_std'])} | ± {r['gap_se']:.3f} | "
                    f"{r['train_seconds']:.0f} |")
     lines.append("")
-  dig = [r for r in results if r["task"] == "digits"]
+  dig = [r for r in rows if r["task"] == "digits"]
   if dig:
-    lines += ["| digits (8x8, 8-bit) | test bits/dim | train bits/dim (<= 359 images) | train s |",
-              "|---|---|---|---|"]
+    lines += ["| digits (8x8, 8-bit) | seeds | test bits/dim, mean ± std over seeds | "
+              "dequantisation error | train bits/dim (<= 359 images) | train s (mean) |",
+              "|---|---|---|---|---|---|"]
     for r in dig:
-      lines.append(f"| {r['model']} | {r['test_bpd']:.3f} ± {r['test_bpd_se']:.3f} | "
+      lines.append(f"| {r['model']} | {len(r['seeds'])} | "
+                   f"{r['test_bpd']:.3f}{_pm(r['test_bpd_seed_std'])} | ± {r['test_bpd_se']:.3f} | "
                    f"{r['train_bpd']:.3f} | {r['train_seconds']:.0f} |")
   return "\n".join(lines)
 
@@ -236,7 +330,21 @@ def main():
   p.add_argument("--models", default="nice,realnvp,glow,flow_matching",
                  help="comma-separated; flow_matching is skipped until its dependencies exist")
   p.add_argument("--tasks", default="ring,digits")
-  p.add_argument("--seed", type=int, default=0)
+  p.add_argument("--seed", type=int, default=0, help="first training seed; also fixes the test set")
+  p.add_argument("--seeds", type=int, default=1, help="training seeds per model (mean ± std)")
+  p.add_argument("--actnorm", default="auto", choices=("auto", "on", "off"),
+                 help="ActNorm in every step of the coupling / autoregressive flows; auto = the "
+                      "library default (off for vectors, on for images)")
+  p.add_argument("--actnorm_init", default="data", choices=("data", "identity"),
+                 help="ActNorm ablation: 'identity' resets every ActNorm after the data init")
+  p.add_argument("--actnorm_lr_scale", type=float, default=1.0,
+                 help="ActNorm ablation: scale of the ActNorm parameters' updates (0 = frozen)")
+  p.add_argument("--tag", default="", help="suffix of the model name in the table")
+  p.add_argument("--num_bins", type=int, default=8, help="spline / maf: bins per spline")
+  p.add_argument("--tail_bound", type=float, default=5.0,
+                 help="spline / maf: splines on [-B, B], identity outside")
+  p.add_argument("--spline_layers", type=int, default=0,
+                 help="ring: layers of the spline / maf flows (0 = --ring_layers)")
   p.add_argument("--lr", type=float, default=1e-3)
   p.add_argument("--ring_steps", type=int, default=20000)
   p.add_argument("--ring_batch", type=int, default=1024)
@@ -274,15 +382,18 @@ def main():
 
   print(f"devices: {jax.devices()}")
   results = []
+  if args.seeds < 1:
+    raise SystemExit(f"--seeds={args.seeds} is not allowed; it must be >= 1")
   for task in tasks:
     for model in models:
-      print(f"== {task} / {model}", flush=True)
-      fn = ring_task if task == "ring" else digits_task
-      results.append(fn(model, args))
-      print(json.dumps(results[-1]), flush=True)
-      with open(os.path.join(args.out, "results.json"), "w") as f:
-        json.dump({"args": vars(args), "device": str(jax.devices()[0]), "results": results}, f,
-                  indent=1)
+      for seed in range(args.seed, args.seed + args.seeds):
+        print(f"== {task} / {model} / seed {seed}", flush=True)
+        fn = ring_task if task == "ring" else digits_task
+        results.append(fn(model, args, seed))
+        print(json.dumps(results[-1]), flush=True)
+        with open(os.path.join(args.out, "results.json"), "w") as f:
+          json.dump({"args": vars(args), "device": str(jax.devices()[0]), "results": results,
+                     "summary": summarize(results)}, f, indent=1)
   table = _table(results)
   print(table)
   with open(os.path.join(args.out, "results.md"), "w") as f:

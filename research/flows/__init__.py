@@ -1,7 +1,9 @@
-"""Normalizing flows: coupling flows (NICE, RealNVP, Glow) and flow matching.
+"""Normalizing flows: coupling flows (NICE, RealNVP, Glow), neural spline flows, MAF and
+flow matching.
 
-  bijectors.py      masks, conditioners, additive/affine coupling, Scaling, ActNorm,
-                    invertible 1x1 convolution (LU), squeeze
+  splines.py        monotone rational-quadratic splines with identity tails (the maths)
+  bijectors.py      masks, conditioners, additive/affine/spline coupling, MADE and the masked
+                    autoregressive layer, Scaling, ActNorm, invertible 1x1 convolution (LU), squeeze
   models.py         FlowStep / FlowStack (nn.scan), VectorFlow, MultiScaleFlow, make_flow
   objective.py      FlowObjective: maximum likelihood, sampling with temperature, bits/dim
   flow_matching.py  FlowMatchingObjective on the straight path, through the shared samplers

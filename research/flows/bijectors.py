@@ -15,7 +15,9 @@ every layer, so only arguments can vary from layer to layer (big_vision jet does
 
 Couplings start as the identity: the conditioner's last layer is zero-initialised, and the
 log-scale is bounded by `scale_bound * tanh(raw / scale_bound)` (slope 1 at 0), so one layer
-can never scale by more than exp(scale_bound).
+can never scale by more than exp(scale_bound). Spline couplings and the masked autoregressive
+layer (MAF) transform with monotone rational-quadratic splines (research/flows/splines.py),
+whose all-zero parameters are the identity too.
 """
 from __future__ import annotations
 
@@ -27,10 +29,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from research.flows import splines as splines_lib
+
 Array = jnp.ndarray
 
 MASK_KINDS = ("checkerboard", "checkerboard_inv", "channel", "channel_inv")
-COUPLINGS = ("additive", "affine")
+COUPLINGS = ("additive", "affine", "spline")
 
 
 def _sum_except_batch(x: Array) -> Array:
@@ -123,7 +127,10 @@ class ConvConditioner(nn.Module):
 class Coupling(nn.Module):
   """Masked coupling: y = x * exp(s(x * m)) + t(x * m) on the part where the mask m is 0.
 
-  kind="additive" (NICE) has s = 0 and logdet 0; kind="affine" (RealNVP/Glow) has a bounded s.
+  kind="additive" (NICE) has s = 0 and logdet 0; kind="affine" (RealNVP/Glow) has a bounded s;
+  kind="spline" (neural spline flow, Durkan et al. 2019) replaces the affine map by a monotone
+  rational-quadratic spline per element with K bins on [-B, B] and identity tails, whose
+  3K - 1 parameters per element the conditioner outputs.
   The conditioner is an MLP for vectors [B, D] and a conv net for images [B, H, W, C]; for
   images the mask itself is fed as extra channels so the network knows which half it sees.
 
@@ -133,19 +140,25 @@ class Coupling(nn.Module):
     depth: hidden layers of the MLP conditioner (vectors only).
     scale_bound: |log-scale| < scale_bound per layer (affine only).
     mask_kind: the mask (make_mask) used when forward/inverse get none; stacks pass theirs.
+    spline: bins and interval of the splines (spline only).
   """
   kind: str = "affine"
   hidden: int = 128
   depth: int = 2
   scale_bound: float = 2.0
   mask_kind: str = "checkerboard"
+  spline: splines_lib.SplineSettings = splines_lib.SplineSettings()
 
   @nn.compact
   def _shift_and_log_scale(self, x: Array, mask: Array, context: Optional[Array]):
+    """(shift, log_scale) masked to the transformed part; for splines (params [*x.shape, 3K-1],
+    the transformed part's 0/1 indicator)."""
     if self.kind not in COUPLINGS:
       raise ValueError(f"coupling kind={self.kind!r} is not allowed; allowed: {COUPLINGS}.")
+    if self.kind == "spline":
+      self.spline.validate()
     mask = jnp.broadcast_to(mask, x.shape[1:]).astype(x.dtype)
-    n_out = 1 if self.kind == "additive" else 2
+    n_out = {"additive": 1, "affine": 2, "spline": self.spline.num_params}[self.kind]
     if x.ndim == 2:
       h = MLPConditioner(self.hidden, self.depth, n_out * x.shape[-1], name="conditioner")(
           x * mask, context)
@@ -155,6 +168,8 @@ class Coupling(nn.Module):
     else:
       raise ValueError(f"Coupling input must be [B, D] or [B, H, W, C], got shape {x.shape}.")
     inv = 1.0 - mask
+    if self.kind == "spline":
+      return h.reshape(*x.shape, n_out), inv
     if self.kind == "additive":
       return h * inv, jnp.zeros_like(x)
     shift, raw = jnp.split(h, 2, axis=-1)
@@ -164,8 +179,16 @@ class Coupling(nn.Module):
   def _mask(self, x: Array, mask: Optional[Array]) -> Array:
     return jnp.asarray(make_mask(self.mask_kind, x.shape[1:])) if mask is None else mask
 
+  def _spline(self, x, mask, context, inverse):
+    params, inv = self._shift_and_log_scale(x, mask, context)
+    y, ld = splines_lib.rational_quadratic_spline(x, params, self.spline, inverse=inverse)
+    # The conditioning part passes through unchanged (and the inverse sees it unchanged).
+    return jnp.where(inv > 0, y, x), _sum_except_batch(ld * inv)
+
   def forward(self, x: Array, mask: Optional[Array] = None, context: Optional[Array] = None):
     mask = self._mask(x, mask)
+    if self.kind == "spline":
+      return self._spline(x, mask, context, inverse=False)
     shift, log_scale = self._shift_and_log_scale(x, mask, context)
     # On the conditioning part shift = log_scale = 0, so y equals x there and the inverse sees
     # the same conditioner input.
@@ -173,11 +196,117 @@ class Coupling(nn.Module):
 
   def inverse(self, y: Array, mask: Optional[Array] = None, context: Optional[Array] = None):
     mask = self._mask(y, mask)
+    if self.kind == "spline":
+      return self._spline(y, mask, context, inverse=True)
     shift, log_scale = self._shift_and_log_scale(y, mask, context)
     return (y - shift) * jnp.exp(-log_scale), -_sum_except_batch(log_scale)
 
   def __call__(self, x, mask=None, context=None):
     return self.forward(x, mask, context)
+
+
+# --- masked autoregressive flow ----------------------------------------------------------------
+
+def made_masks(num_inputs: int, hidden: int, depth: int, out_per_input: int):
+  """Connectivity masks of a MADE (Germain et al. 2015) for the identity ordering.
+
+  Input i has degree i + 1; hidden units get degrees 1..D-1 in turn; output unit j (outputs
+  laid out [D, out_per_input]) has degree j // out_per_input + 1. A hidden connection needs
+  degree(out) >= degree(in), an output connection degree(out) > degree(in), so output group i
+  depends on inputs 0..i-1 only (group 0 on nothing: its parameters are biases).
+
+  Returns: a list of `depth + 1` float32 masks [fan_in, fan_out].
+  """
+  d = int(num_inputs)
+  deg_in = np.arange(1, d + 1)
+  masks = []
+  for _ in range(depth):
+    deg_h = np.arange(hidden) % max(1, d - 1) + 1
+    masks.append((deg_h[None, :] >= deg_in[:, None]).astype(np.float32))
+    deg_in = deg_h
+  deg_out = np.repeat(np.arange(1, d + 1), out_per_input)
+  masks.append((deg_out[None, :] > deg_in[:, None]).astype(np.float32))
+  return masks
+
+
+class MaskedDense(nn.Module):
+  """Dense layer whose kernel is multiplied by a fixed 0/1 mask [fan_in, fan_out]."""
+  features: int
+  mask: np.ndarray
+  zero_init: bool = False
+
+  @nn.compact
+  def __call__(self, x: Array) -> Array:
+    init = nn.initializers.zeros if self.zero_init else nn.initializers.lecun_normal()
+    kernel = self.param("kernel", init, (x.shape[-1], self.features), jnp.float32)
+    bias = self.param("bias", nn.initializers.zeros, (self.features,), jnp.float32)
+    return x @ (kernel * jnp.asarray(self.mask)) + bias
+
+
+class MADE(nn.Module):
+  """Autoregressive conditioner: x [B, D] (+ context [B, E]) -> params [B, D, out_per_input].
+
+  params[:, i] depends on x[:, :i] only, and on the context, which enters unmasked into the
+  first hidden layer and the output. The output layers start at zero.
+  """
+  hidden: int
+  depth: int
+  out_per_input: int
+
+  @nn.compact
+  def __call__(self, x: Array, context: Optional[Array] = None) -> Array:
+    d = x.shape[-1]
+    masks = made_masks(d, self.hidden, self.depth, self.out_per_input)
+    h = x
+    for i, m in enumerate(masks[:-1]):
+      h = MaskedDense(self.hidden, m, name=f"masked{i}")(h)
+      if i == 0 and context is not None:
+        h = h + nn.Dense(self.hidden, use_bias=False, name="context")(context)
+      h = nn.gelu(h)
+    out = MaskedDense(d * self.out_per_input, masks[-1], zero_init=True,
+                      name=f"masked{len(masks) - 1}")(h)
+    if context is not None:  # directly too: no hidden unit reaches output group 0
+      out = out + nn.Dense(d * self.out_per_input, use_bias=False,
+                           kernel_init=nn.initializers.zeros, name="context_out")(context)
+    return out.reshape(x.shape[0], d, self.out_per_input)
+
+
+class MaskedAutoregressive(nn.Module):
+  """One MAF layer (Papamakarios et al. 2017) with a rational-quadratic spline transformer.
+
+  forward (density direction, one pass): y_i = spline(x_i; MADE(x)_i), params of element i
+  from x_<i. inverse (sampling direction): D passes, the recursion x^(0) = 0,
+  x^(n+1) = spline^-1(y; MADE(x^(n))); after pass n the first n elements are exact, so D
+  passes give x. Only vectors [B, D].
+
+  Attributes:
+    hidden, depth: MADE width and hidden layers.
+    spline: bins and interval of the element-wise splines.
+  """
+  hidden: int = 128
+  depth: int = 2
+  spline: splines_lib.SplineSettings = splines_lib.SplineSettings()
+
+  @nn.compact
+  def _conditioner(self, x: Array, context: Optional[Array]) -> Array:
+    if x.ndim != 2:
+      raise ValueError(f"MaskedAutoregressive input must be [B, D], got shape {x.shape}.")
+    return MADE(self.hidden, self.depth, self.spline.num_params, name="made")(x, context)
+
+  def forward(self, x: Array, context: Optional[Array] = None):
+    y, ld = splines_lib.rational_quadratic_spline(x, self._conditioner(x, context), self.spline)
+    return y, jnp.sum(ld, axis=-1)
+
+  def inverse(self, y: Array, context: Optional[Array] = None):
+    x = jnp.zeros_like(y)
+    ld = jnp.zeros_like(y)
+    for _ in range(y.shape[-1]):  # D passes (static D: unrolled; vectors are small)
+      x, ld = splines_lib.rational_quadratic_spline(y, self._conditioner(x, context), self.spline,
+                                                    inverse=True)
+    return x, jnp.sum(ld, axis=-1)
+
+  def __call__(self, x, context=None):
+    return self.forward(x, context)
 
 
 # --- element-wise and channel-wise layers ------------------------------------------------------

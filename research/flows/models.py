@@ -2,9 +2,16 @@
 
   NICE     additive couplings with alternating masks, then a diagonal scaling layer.
   RealNVP  affine couplings with alternating masks (checkerboard and channel for images), each
-           preceded by ActNorm (our stand-in for RealNVP's batch norm: same role, no batch
-           statistics at test time).
-  Glow     ActNorm -> invertible 1x1 convolution (LU) -> affine coupling with a channel mask.
+           preceded by ActNorm in image flows (our stand-in for RealNVP's batch norm: same
+           role, no batch statistics at test time).
+  Glow     [ActNorm] -> invertible 1x1 convolution (LU) -> affine coupling with a channel mask.
+  spline   rational-quadratic spline couplings with alternating masks (neural spline flow,
+           Durkan et al. 2019).
+  maf      masked autoregressive layers with spline transformers (MADE conditioner), each
+           followed by reversing the order of the dimensions (vectors only).
+
+ActNorm: on by default for image flows (RealNVP, Glow); off by default for vector flows,
+where it measured worse on the ring (README, "Flows"); `actnorm=True/False` overrides.
 
 A stack of L steps is one `nn.scan` over a single step module with parameters stacked along a
 leading layer axis, so the traced program (and the compile time) does not grow with L. Layer
@@ -24,10 +31,13 @@ import jax.numpy as jnp
 import numpy as np
 
 from research.flows import bijectors
+from research.flows import splines
 
 Array = jnp.ndarray
 
-KINDS = ("nice", "realnvp", "glow")
+KINDS = ("nice", "realnvp", "glow", "spline", "maf")
+VECTOR_ONLY_KINDS = ("maf",)
+STEP_TRANSFORMS = bijectors.COUPLINGS + ("autoregressive",)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -35,7 +45,8 @@ class StepConfig:
   """One step of flow (frozen, so it can be a Linen attribute).
 
   Attributes:
-    coupling: "additive" (NICE) or "affine".
+    coupling: "additive" (NICE), "affine", "spline" (masked couplings) or "autoregressive"
+      (a MAF layer with spline transformers, then the dimensions reversed; vectors only).
     mask_pattern: masks cycled over the layers of a stack (see bijectors.MASK_KINDS).
     actnorm: start the step with ActNorm.
     conv1x1: then an invertible 1x1 convolution (LU).
@@ -43,6 +54,7 @@ class StepConfig:
     depth: hidden layers of the MLP conditioner (vector flows).
     scale_bound: bound on the per-layer log-scale of affine couplings.
     seed: seed of the fixed permutations of the 1x1 convolutions.
+    num_bins, tail_bound: spline bins K on [-tail_bound, tail_bound] (spline, autoregressive).
   """
   coupling: str = "affine"
   mask_pattern: Tuple[str, ...] = ("channel", "channel_inv")
@@ -52,10 +64,17 @@ class StepConfig:
   depth: int = 2
   scale_bound: float = 2.0
   seed: int = 0
+  num_bins: int = 8
+  tail_bound: float = 5.0
+
+  @property
+  def spline(self) -> splines.SplineSettings:
+    return splines.SplineSettings(num_bins=self.num_bins, tail_bound=self.tail_bound)
 
   def validate(self):
-    if self.coupling not in bijectors.COUPLINGS:
-      raise ValueError(f"coupling={self.coupling!r} is not allowed; allowed: {bijectors.COUPLINGS}.")
+    if self.coupling not in STEP_TRANSFORMS:
+      raise ValueError(f"coupling={self.coupling!r} is not allowed; allowed: {STEP_TRANSFORMS}.")
+    self.spline.validate()
     for k in self.mask_pattern:
       if k not in bijectors.MASK_KINDS:
         raise ValueError(f"mask_pattern entry {k!r} is not allowed; allowed: {bijectors.MASK_KINDS}.")
@@ -68,7 +87,11 @@ class StepConfig:
 
 
 class FlowStep(nn.Module):
-  """[ActNorm] -> [1x1 conv with permutation `perm`] -> coupling with mask number `index`."""
+  """[ActNorm] -> [1x1 conv with permutation `perm`] -> coupling with mask number `index`.
+
+  With coupling="autoregressive" the last part is a MAF layer followed by reversing the
+  dimensions (a permutation, logdet 0), so consecutive layers alternate the ordering.
+  """
   config: StepConfig
 
   def setup(self):
@@ -77,8 +100,23 @@ class FlowStep(nn.Module):
       self.actnorm = bijectors.ActNorm()
     if cfg.conv1x1:
       self.conv = bijectors.Conv1x1(seed=cfg.seed)
-    self.coupling = bijectors.Coupling(kind=cfg.coupling, hidden=cfg.hidden, depth=cfg.depth,
-                                       scale_bound=cfg.scale_bound)
+    if cfg.coupling == "autoregressive":
+      self.coupling = bijectors.MaskedAutoregressive(hidden=cfg.hidden, depth=cfg.depth,
+                                                     spline=cfg.spline)
+    else:
+      self.coupling = bijectors.Coupling(kind=cfg.coupling, hidden=cfg.hidden, depth=cfg.depth,
+                                         scale_bound=cfg.scale_bound, spline=cfg.spline)
+
+  def _transform(self, x, index, context, inverse: bool):
+    if self.config.coupling == "autoregressive":
+      if inverse:
+        x, ld = self.coupling.inverse(x[..., ::-1], context)
+        return x, ld
+      x, ld = self.coupling.forward(x, context)
+      return x[..., ::-1], ld
+    if inverse:
+      return self.coupling.inverse(x, self._mask(x, index), context)
+    return self.coupling.forward(x, self._mask(x, index), context)
 
   def _mask(self, x: Array, index) -> Array:
     masks = jnp.asarray(bijectors.make_masks(self.config.mask_pattern, x.shape[1:]))
@@ -92,11 +130,11 @@ class FlowStep(nn.Module):
     if self.config.conv1x1:
       x, ld = self.conv.forward(x, perm)
       logdet += ld
-    x, ld = self.coupling.forward(x, self._mask(x, index), context)
+    x, ld = self._transform(x, index, context, inverse=False)
     return x, logdet + ld
 
   def inverse(self, y: Array, index, perm=None, context: Optional[Array] = None):
-    y, logdet = self.coupling.inverse(y, self._mask(y, index), context)
+    y, logdet = self._transform(y, index, context, inverse=True)
     if self.config.conv1x1:
       y, ld = self.conv.inverse(y, perm)
       logdet += ld
@@ -162,20 +200,38 @@ class FlowStack(nn.Module):
 
 
 def step_config(kind: str, *, image: bool, hidden: int = 128, depth: int = 2,
-                scale_bound: float = 2.0, seed: int = 0) -> StepConfig:
-  """The step of flow of NICE / RealNVP / Glow for vector (image=False) or image data."""
+                scale_bound: float = 2.0, seed: int = 0, actnorm: Optional[bool] = None,
+                num_bins: int = 8, tail_bound: float = 5.0) -> StepConfig:
+  """The step of flow of each kind for vector (image=False) or image data.
+
+  actnorm=None takes the measured default: ActNorm before every RealNVP / Glow / spline step
+  of an image flow, none in vector flows (NICE never has one).
+  """
   if kind not in KINDS:
     raise ValueError(f"flow kind={kind!r} is not allowed; allowed: {KINDS}.")
+  if image and kind in VECTOR_ONLY_KINDS:
+    raise ValueError(f"flow kind={kind!r} is for vector data [D] only; for images use one of "
+                     f"{tuple(k for k in KINDS if k not in VECTOR_ONLY_KINDS)}.")
   alternating = (("checkerboard", "checkerboard_inv", "channel", "channel_inv") if image
                  else ("channel", "channel_inv"))
-  common = dict(hidden=hidden, depth=depth, scale_bound=scale_bound, seed=seed)
+  common = dict(hidden=hidden, depth=depth, scale_bound=scale_bound, seed=seed,
+                num_bins=num_bins, tail_bound=tail_bound)
   if kind == "nice":
+    if actnorm:
+      raise ValueError("actnorm=True is not allowed with kind='nice' (volume-preserving "
+                       "couplings and one diagonal scaling); use None or False.")
     return StepConfig(coupling="additive", mask_pattern=alternating, actnorm=False,
                       conv1x1=False, **common)
+  actnorm = bool(image) if actnorm is None else bool(actnorm)
   if kind == "realnvp":
-    return StepConfig(coupling="affine", mask_pattern=alternating, actnorm=True, conv1x1=False,
-                      **common)
-  return StepConfig(coupling="affine", mask_pattern=("channel",), actnorm=True, conv1x1=True,
+    return StepConfig(coupling="affine", mask_pattern=alternating, actnorm=actnorm,
+                      conv1x1=False, **common)
+  if kind == "spline":
+    return StepConfig(coupling="spline", mask_pattern=alternating, actnorm=actnorm,
+                      conv1x1=False, **common)
+  if kind == "maf":
+    return StepConfig(coupling="autoregressive", actnorm=actnorm, conv1x1=False, **common)
+  return StepConfig(coupling="affine", mask_pattern=("channel",), actnorm=actnorm, conv1x1=True,
                     **common)
 
 
@@ -205,6 +261,8 @@ class VectorFlow(nn.Module):
     scale_bound: per-layer log-scale bound of affine couplings.
     num_classes: > 0 makes the flow class-conditional (labels [B] required).
     remat: rematerialise each step in the backward pass (memory for compute).
+    actnorm: ActNorm in every step; None = the kind's default (off for vector flows).
+    num_bins, tail_bound: spline bins on [-tail_bound, tail_bound] (spline, maf).
   """
   kind: str = "realnvp"
   num_layers: int = 8
@@ -214,6 +272,9 @@ class VectorFlow(nn.Module):
   num_classes: int = 0
   remat: bool = False
   seed: int = 0
+  actnorm: Optional[bool] = None
+  num_bins: int = 8
+  tail_bound: float = 5.0
 
   @nn.compact
   def _setup(self, x: Array, labels):
@@ -222,7 +283,8 @@ class VectorFlow(nn.Module):
     if x.shape[-1] < 2:
       raise ValueError(f"VectorFlow needs D >= 2 (a coupling splits the vector), got D={x.shape[-1]}.")
     cfg = step_config(self.kind, image=False, hidden=self.hidden, depth=self.depth,
-                      scale_bound=self.scale_bound, seed=self.seed)
+                      scale_bound=self.scale_bound, seed=self.seed, actnorm=self.actnorm,
+                      num_bins=self.num_bins, tail_bound=self.tail_bound)
     stack = FlowStack(cfg, self.num_layers, self.remat, name="stack")
     context = _LabelContext(self.num_classes, self.hidden, name="context")(labels, x.shape[0])
     scaling = bijectors.Scaling(name="scaling") if self.kind == "nice" else None
@@ -283,7 +345,8 @@ class MultiScaleFlow(nn.Module):
     num_scales: levels (H and W must be divisible by 2**num_scales).
     num_layers: steps of flow per level.
     hidden: conditioner channels.
-    scale_bound, num_classes, remat, seed: as in VectorFlow.
+    scale_bound, num_classes, remat, seed, num_bins, tail_bound: as in VectorFlow.
+    actnorm: ActNorm in every step; None = the kind's default (on for image flows).
   """
   kind: str = "glow"
   num_scales: int = 2
@@ -293,6 +356,9 @@ class MultiScaleFlow(nn.Module):
   num_classes: int = 0
   remat: bool = False
   seed: int = 0
+  actnorm: Optional[bool] = None
+  num_bins: int = 8
+  tail_bound: float = 5.0
 
   @nn.compact
   def _setup(self, x: Array, labels):
@@ -302,7 +368,8 @@ class MultiScaleFlow(nn.Module):
     stacks = []
     for level, ((h, w, _), _) in enumerate(levels):
       cfg = step_config(self.kind, image=True, hidden=self.hidden, scale_bound=self.scale_bound,
-                        seed=self.seed * 1000 + level)
+                        seed=self.seed * 1000 + level, actnorm=self.actnorm,
+                        num_bins=self.num_bins, tail_bound=self.tail_bound)
       if h * w == 1:
         cfg = dataclasses.replace(
             cfg, mask_pattern=tuple(k for k in cfg.mask_pattern if "checkerboard" not in k))
@@ -358,15 +425,22 @@ class MultiScaleFlow(nn.Module):
 
 def make_flow(kind: str, data_shape: Sequence[int], *, num_layers: int = 8, hidden: int = 128,
               depth: int = 2, num_scales: int = 2, scale_bound: float = 2.0,
-              num_classes: int = 0, remat: bool = False, seed: int = 0) -> nn.Module:
-  """A NICE / RealNVP / Glow flow for examples of shape `data_shape` ([D] or [H, W, C])."""
+              num_classes: int = 0, remat: bool = False, seed: int = 0,
+              actnorm: Optional[bool] = None, num_bins: int = 8,
+              tail_bound: float = 5.0) -> nn.Module:
+  """A flow of one of KINDS for examples of shape `data_shape` ([D] or [H, W, C])."""
   if kind not in KINDS:
     raise ValueError(f"flow kind={kind!r} is not allowed; allowed: {KINDS}.")
   data_shape = tuple(int(s) for s in data_shape)
+  common = dict(kind=kind, num_layers=num_layers, hidden=hidden, scale_bound=scale_bound,
+                num_classes=num_classes, remat=remat, seed=seed, actnorm=actnorm,
+                num_bins=num_bins, tail_bound=tail_bound)
+  # Validate the step here, before anything is traced.
+  step_config(kind, image=len(data_shape) == 3, hidden=hidden, depth=depth,
+              scale_bound=scale_bound, actnorm=actnorm, num_bins=num_bins,
+              tail_bound=tail_bound).validate()
   if len(data_shape) == 1:
-    return VectorFlow(kind=kind, num_layers=num_layers, hidden=hidden, depth=depth,
-                      scale_bound=scale_bound, num_classes=num_classes, remat=remat, seed=seed)
+    return VectorFlow(depth=depth, **common)
   if len(data_shape) == 3:
-    return MultiScaleFlow(kind=kind, num_scales=num_scales, num_layers=num_layers, hidden=hidden,
-                          scale_bound=scale_bound, num_classes=num_classes, remat=remat, seed=seed)
+    return MultiScaleFlow(num_scales=num_scales, **common)
   raise ValueError(f"data_shape={data_shape} is not allowed: [D] (vectors) or [H, W, C] (images).")

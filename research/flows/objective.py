@@ -180,10 +180,12 @@ class FlowObjective:
 def make_objective(kind: str, data_shape: Sequence[int], *, image: bool, num_layers: int = 8,
                    hidden: int = 128, depth: int = 2, num_scales: int = 2,
                    scale_bound: float = 2.0, num_classes: int = 0, remat: bool = False,
-                   data_range: str = "[-1,1]") -> FlowObjective:
+                   data_range: str = "[-1,1]", actnorm: Optional[bool] = None,
+                   num_bins: int = 8, tail_bound: float = 5.0) -> FlowObjective:
   """A FlowObjective around models.make_flow(kind, ...); image=True means 8-bit image data."""
   flow = models.make_flow(kind, data_shape, num_layers=num_layers, hidden=hidden, depth=depth,
                           num_scales=num_scales, scale_bound=scale_bound,
-                          num_classes=num_classes, remat=remat)
+                          num_classes=num_classes, remat=remat, actnorm=actnorm,
+                          num_bins=num_bins, tail_bound=tail_bound)
   return FlowObjective(flow=flow, data_shape=tuple(data_shape), dequantize=image,
                        data_range=data_range, num_classes=num_classes)

@@ -40,7 +40,10 @@ def test_bad_values_name_the_field(key, value, pattern):
 
 
 @pytest.mark.parametrize("key,value,pattern", [
-    ("flow.kind", "maf", r"config\.flow\.kind='maf'.*'nice', 'realnvp', 'glow'"),
+    ("flow.kind", "iaf", r"config\.flow\.kind='iaf'.*'nice', 'realnvp', 'glow', 'spline', 'maf'"),
+    ("flow.actnorm", "yes", r"config\.flow\.actnorm='yes'.*'auto', 'on', 'off'"),
+    ("flow.num_bins", 1, r"config\.flow\.num_bins=1.*integer >= 2"),
+    ("flow.tail_bound", 0.0, r"config\.flow\.tail_bound=0\.0.*> 0"),
     ("flow.num_layers", 0, r"config\.flow\.num_layers=0.*integer >= 1"),
     ("flow.scale_bound", -1.0, r"config\.flow\.scale_bound=-1\.0.*> 0"),
 ])
@@ -59,6 +62,8 @@ def test_bad_flow_values_name_the_field(key, value, pattern):
     ({"model.name": "unet", "model.ch_mult": ()}, r"config\.model\.ch_mult=\(\).*non-empty"),
     ({"objective": "flow", "sample.options": "eta=0.5"},
      r"config\.sample\.options='eta=0\.5'.*temperature"),
+    ({"objective": "flow", "flow.kind": "maf", "data.name": "digits"},
+     r"config\.flow\.kind='maf'.*vector-data dataset.*for images.*'spline'|config\.flow\.kind='maf'.*spline"),
 ])
 def test_bad_combinations_name_the_field(overrides, pattern):
   with pytest.raises(validate.ConfigError, match=pattern):

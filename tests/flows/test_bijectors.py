@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from hypothesis import Phase, given, settings, strategies as st
+from hypothesis import Phase, example, given, settings, strategies as st
 
 from research.flows import bijectors
 from research.flows import models
@@ -104,7 +104,9 @@ def test_coupling(shape, kind, mask, seed):
   m = jnp.asarray(bijectors.make_mask(mask, shape))
   context = normal(seed + 1, (3, 5))
   coupling = bijectors.Coupling(kind=kind, hidden=8, depth=2, scale_bound=2.0)
-  check_bijector(coupling, x, m, context, seed=seed, scale=0.3)
+  # Splines: smaller parameters, so no bin is so flat that fp32 loses the inverse (see
+  # test_spline_inverse_accuracy_follows_the_slope).
+  check_bijector(coupling, x, m, context, seed=seed, scale=0.1 if kind == "spline" else 0.3)
 
 
 def test_coupling_starts_as_identity_and_keeps_masked_part():
@@ -214,10 +216,14 @@ def test_squeeze(shape, seed):
                                 np.asarray(x[:, :2, :2, :]))
 
 
+IMAGE_KINDS = tuple(k for k in models.KINDS if k not in models.VECTOR_ONLY_KINDS)
+
+
 @FLOW_SETTINGS
 @given(kind=st.sampled_from(models.KINDS), image=st.booleans(), remat=st.booleans(),
        seed=st.integers(0, 2**16))
 def test_flow_stack_scan(kind, image, remat, seed):
+  image = image and kind in IMAGE_KINDS
   shape = (4, 4, 2) if image else (4,)
   x = normal(seed, (3,) + shape)
   cfg = models.step_config(kind, image=image, hidden=8, depth=1, seed=seed)
@@ -230,6 +236,7 @@ def test_flow_stack_scan(kind, image, remat, seed):
 
 @FLOW_SETTINGS
 @given(kind=st.sampled_from(models.KINDS), conditional=st.booleans(), seed=st.integers(0, 2**16))
+@example(kind="maf", conditional=True, seed=5)  # the D-step inverse through a whole stack
 def test_vector_flow(kind, conditional, seed):
   # Moderate inputs and parameters: the fp32 Jacobian from jacfwd (the reference) loses
   # digits when a deep random flow expands by e^10; the flow's own logdet stays exact.
@@ -237,10 +244,10 @@ def test_vector_flow(kind, conditional, seed):
   labels = jnp.arange(4) % 3 if conditional else None
   flow = models.VectorFlow(kind=kind, num_layers=4, hidden=8, depth=2,
                            num_classes=3 if conditional else 0)
-  check_bijector(flow, x, labels, seed=seed, scale=0.2)
+  check_bijector(flow, x, labels, seed=seed, scale=0.1 if kind in ("spline", "maf") else 0.2)
 
 
-@pytest.mark.parametrize("kind", models.KINDS)
+@pytest.mark.parametrize("kind", IMAGE_KINDS)
 @FLOW_SETTINGS
 @given(seed=st.integers(0, 2**16))
 def test_multiscale_flow(kind, seed):
@@ -269,7 +276,11 @@ def test_masks_are_complementary():
     (lambda: bijectors.make_mask("stripes", (4,)), "mask kind='stripes'"),
     (lambda: bijectors.make_mask("channel", (4, 4, 1)), "at least 2 channels"),
     (lambda: bijectors.make_mask("checkerboard", (1, 1, 4)), "2 spatial positions"),
-    (lambda: models.make_flow("maf", (2,)), "flow kind='maf'"),
+    (lambda: models.make_flow("iaf", (2,)), "flow kind='iaf'"),
+    (lambda: models.make_flow("maf", (4, 4, 2)), "for vector data"),
+    (lambda: models.make_flow("nice", (4,), actnorm=True), "actnorm=True"),
+    (lambda: models.make_flow("spline", (4,), num_bins=1), "num_bins=1"),
+    (lambda: models.make_flow("spline", (4,), tail_bound=0.0), "tail_bound=0.0"),
     (lambda: models.multiscale_shapes((6, 6, 1), 2), "divisible by 2\\*\\*num_scales"),
     (lambda: models.make_flow("glow", (4, 4)), "data_shape"),
 ])
@@ -280,5 +291,5 @@ def test_bad_arguments_fail_clearly(call, match):
 
 def test_bad_coupling_kind_fails_clearly():
   x = jnp.ones((2, 4))
-  with pytest.raises(ValueError, match="coupling kind='spline'"):
-    bijectors.Coupling(kind="spline").init(key(0), x, jnp.ones(4), method="forward")
+  with pytest.raises(ValueError, match="coupling kind='cubic'"):
+    bijectors.Coupling(kind="cubic").init(key(0), x, jnp.ones(4), method="forward")

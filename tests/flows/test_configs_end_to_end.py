@@ -12,8 +12,11 @@ from experiments import workdir as wd
 @pytest.mark.parametrize("module,arg,over,eval_key", [
     (ring_config, "kind=glow,tiny", {"sample.options": "temperature=0.7"}, "nll"),
     (ring_config, "kind=fm,tiny", {}, "nll"),
+    (ring_config, "kind=spline,tiny", {}, "nll"),
+    (ring_config, "kind=maf,tiny", {"flow.actnorm": "on"}, "nll"),
     (digits_config, "kind=realnvp,tiny,conditional", {}, "bpd"),
-], ids=["ring-glow", "ring-flow-matching", "digits-realnvp-conditional"])
+], ids=["ring-glow", "ring-flow-matching", "ring-spline", "ring-maf-actnorm",
+        "digits-realnvp-conditional"])
 def test_flow_config_trains_samples_and_evaluates(tmp_path, module, arg, over, eval_key):
   workdir = str(tmp_path)
   c = module.get_config(arg)
