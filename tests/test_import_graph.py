@@ -30,7 +30,8 @@ EXPERIMENT_FLOORS = [
     {"data", "summaries"},
     {"builders", "state", "image_metrics"},
     {"validate", "latent", "sample", "reflow"},
-    {"train", "evaluate", "sweep", "guided"},
+    {"train", "evaluate", "guided"},
+    {"sweep"},                      # training sweeps train runs; guidance cells sample guided
     {"report"},
     {"main"},
 ]
