@@ -56,6 +56,95 @@ def _key_tiles(pid_m, kv_len, T: tl.constexpr, S: tl.constexpr, CAUSAL: tl.const
   return n_full, n_end
 
 
+@triton.jit
+def _kv_tile(k_base, v_base, kb, offs_n, offs_d, kv_len, HKV: tl.constexpr, D: tl.constexpr,
+             MASKED: tl.constexpr, BLOCK_N: tl.constexpr):
+  """Key and value tile kb [BLOCK_N, BLOCK_D] (rows past kv_len read as 0 when MASKED), its
+  key indices and their validity."""
+  cols = kb * BLOCK_N + offs_n
+  kv_off = cols[:, None] * (HKV * D) + offs_d[None, :]
+  col_ok = cols < kv_len
+  ld = (offs_d < D)[None, :]
+  if MASKED:
+    ld = col_ok[:, None] & ld
+  k = tl.load(k_base + kv_off, mask=ld, other=0.0)
+  v = tl.load(v_base + kv_off, mask=ld, other=0.0)
+  return k, v, cols, col_ok
+
+
+@triton.jit
+def _fwd_tile(acc, m_i, l_i, q, k_base, v_base, kb, offs_m, offs_n, offs_d, kv_len, qk_scale,
+              T: tl.constexpr, S: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr,
+              CAUSAL: tl.constexpr, MASKED: tl.constexpr, BLOCK_N: tl.constexpr,
+              PRECISION: tl.constexpr):
+  """One online-softmax step of the forward over key tile kb (MASKED: kv length / causal)."""
+  k, v, cols, col_ok = _kv_tile(k_base, v_base, kb, offs_n, offs_d, kv_len, HKV, D, MASKED,
+                                BLOCK_N)
+  s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
+  if MASKED:
+    mask = col_ok[None, :]
+    if CAUSAL:
+      mask = mask & (cols[None, :] <= offs_m[:, None] + (S - T))
+    s = tl.where(mask, s, MASK_VALUE)
+  m_new = tl.maximum(m_i, tl.max(s, 1))
+  alpha = tl.exp2(m_i - m_new)
+  p = tl.exp2(s - m_new[:, None])
+  if MASKED:
+    # A row masked everywhere so far has m_new == MASK_VALUE and exp2(0) == 1 on masked keys.
+    p = tl.where(mask, p, 0.0)
+  l_i = l_i * alpha + tl.sum(p, 1)
+  acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+  return acc, m_new, l_i
+
+
+@triton.jit
+def _dq_tile(dq, q, do, lse, delta, k_base, v_base, kb, offs_m, offs_n, offs_d, kv_len,
+             qk_scale, T: tl.constexpr, S: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr,
+             CAUSAL: tl.constexpr, MASKED: tl.constexpr, BLOCK_N: tl.constexpr,
+             PRECISION: tl.constexpr):
+  """dQ accumulated over key tile kb (unscaled; the kernel multiplies by SCALE once)."""
+  k, v, cols, col_ok = _kv_tile(k_base, v_base, kb, offs_n, offs_d, kv_len, HKV, D, MASKED,
+                                BLOCK_N)
+  s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
+  p = tl.exp2(s - lse[:, None])
+  if MASKED:
+    mask = col_ok[None, :]
+    if CAUSAL:
+      mask = mask & (cols[None, :] <= offs_m[:, None] + (S - T))
+    p = tl.where(mask, p, 0.0)
+  dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
+  ds = p * (dp - delta[:, None])
+  return dq + tl.dot(ds.to(k.dtype), k, input_precision=PRECISION)
+
+
+@triton.jit
+def _dkdv_tile(dk, dv, k, v, q_base, do_base, lse_base, delta_base, mb, offs_m, offs_n, offs_d,
+               col_ok, qk_scale, T: tl.constexpr, S: tl.constexpr, H: tl.constexpr,
+               D: tl.constexpr, CAUSAL: tl.constexpr, MASKED: tl.constexpr,
+               BLOCK_M: tl.constexpr, PRECISION: tl.constexpr):
+  """dK, dV accumulated over query tile mb of one head (unscaled dK)."""
+  rows = mb * BLOCK_M + offs_m
+  row_ok = rows < T
+  q_off = rows[:, None] * (H * D) + offs_d[None, :]
+  ld = row_ok[:, None] & (offs_d < D)[None, :]
+  q = tl.load(q_base + q_off, mask=ld, other=0.0)
+  do = tl.load(do_base + q_off, mask=ld, other=0.0)
+  lse = tl.load(lse_base + rows, mask=row_ok, other=float("inf"))
+  delta = tl.load(delta_base + rows, mask=row_ok, other=0.0)
+  s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
+  p = tl.exp2(s - lse[:, None])  # lse = +inf (empty or padded row) gives p = 0
+  if MASKED:
+    mask = col_ok[None, :]
+    if CAUSAL:
+      mask = mask & (offs_n[None, :] <= rows[:, None] + (S - T))
+    p = tl.where(mask, p, 0.0)
+  dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=PRECISION)
+  dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
+  ds = p * (dp - delta[:, None])
+  dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=PRECISION)
+  return dk, dv
+
+
 def attn_fwd(Q, K, V, KVLEN, O, LSE,
              T: tl.constexpr, S: tl.constexpr, H: tl.constexpr, HKV: tl.constexpr,
              D: tl.constexpr, SCALE: tl.constexpr, CAUSAL: tl.constexpr,
@@ -82,35 +171,11 @@ def attn_fwd(Q, K, V, KVLEN, O, LSE,
   m_i = tl.full([BLOCK_M], MASK_VALUE, dtype=tl.float32)
   l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
   for kb in range(0, n_full):
-    cols = kb * BLOCK_N + offs_n
-    kv_off = cols[:, None] * (HKV * D) + offs_d[None, :]
-    k = tl.load(k_base + kv_off, mask=d_ok[None, :], other=0.0)
-    v = tl.load(v_base + kv_off, mask=d_ok[None, :], other=0.0)
-    s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
-    m_new = tl.maximum(m_i, tl.max(s, 1))
-    alpha = tl.exp2(m_i - m_new)
-    p = tl.exp2(s - m_new[:, None])
-    l_i = l_i * alpha + tl.sum(p, 1)
-    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
-    m_i = m_new
+    acc, m_i, l_i = _fwd_tile(acc, m_i, l_i, q, k_base, v_base, kb, offs_m, offs_n, offs_d,
+                              kv_len, qk_scale, T, S, HKV, D, CAUSAL, False, BLOCK_N, PRECISION)
   for kb in range(n_full, n_end):
-    cols = kb * BLOCK_N + offs_n
-    kv_off = cols[:, None] * (HKV * D) + offs_d[None, :]
-    col_ok = cols < kv_len
-    k = tl.load(k_base + kv_off, mask=col_ok[:, None] & d_ok[None, :], other=0.0)
-    v = tl.load(v_base + kv_off, mask=col_ok[:, None] & d_ok[None, :], other=0.0)
-    s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
-    mask = col_ok[None, :]
-    if CAUSAL:
-      mask = mask & (cols[None, :] <= offs_m[:, None] + (S - T))
-    s = tl.where(mask, s, MASK_VALUE)
-    m_new = tl.maximum(m_i, tl.max(s, 1))
-    alpha = tl.exp2(m_i - m_new)
-    # A row masked everywhere so far has m_new == MASK_VALUE and exp2(0) == 1 on masked keys.
-    p = tl.where(mask, tl.exp2(s - m_new[:, None]), 0.0)
-    l_i = l_i * alpha + tl.sum(p, 1)
-    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
-    m_i = m_new
+    acc, m_i, l_i = _fwd_tile(acc, m_i, l_i, q, k_base, v_base, kb, offs_m, offs_n, offs_d,
+                              kv_len, qk_scale, T, S, HKV, D, CAUSAL, True, BLOCK_N, PRECISION)
 
   empty = l_i == 0.0
   out = acc / tl.where(empty, 1.0, l_i)[:, None]
@@ -179,36 +244,13 @@ def attn_dkdv(Q, K, V, DO, LSE, DELTA, KVLEN, DK, DV,
     do_base = DO + b * T * H * D + h * D
     row_base = (b * H + h) * T
     for mb in range(m_start, m_split):
-      rows = mb * BLOCK_M + offs_m
-      row_ok = rows < T
-      q_off = rows[:, None] * (H * D) + offs_d[None, :]
-      q = tl.load(q_base + q_off, mask=row_ok[:, None] & d_ok[None, :], other=0.0)
-      do = tl.load(do_base + q_off, mask=row_ok[:, None] & d_ok[None, :], other=0.0)
-      lse = tl.load(LSE + row_base + rows, mask=row_ok, other=float("inf"))
-      delta = tl.load(DELTA + row_base + rows, mask=row_ok, other=0.0)
-      s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
-      mask = col_ok[None, :]
-      if CAUSAL:
-        mask = mask & (offs_n[None, :] <= rows[:, None] + (S - T))
-      p = tl.where(mask, tl.exp2(s - lse[:, None]), 0.0)
-      dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=PRECISION)
-      dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
-      ds = p * (dp - delta[:, None])
-      dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=PRECISION)
+      dk, dv = _dkdv_tile(dk, dv, k, v, q_base, do_base, LSE + row_base, DELTA + row_base, mb,
+                          offs_m, offs_n, offs_d, col_ok, qk_scale, T, S, H, D, CAUSAL, True,
+                          BLOCK_M, PRECISION)
     for mb in range(m_split, n_m):
-      rows = mb * BLOCK_M + offs_m
-      row_ok = rows < T
-      q_off = rows[:, None] * (H * D) + offs_d[None, :]
-      q = tl.load(q_base + q_off, mask=row_ok[:, None] & d_ok[None, :], other=0.0)
-      do = tl.load(do_base + q_off, mask=row_ok[:, None] & d_ok[None, :], other=0.0)
-      lse = tl.load(LSE + row_base + rows, mask=row_ok, other=float("inf"))
-      delta = tl.load(DELTA + row_base + rows, mask=row_ok, other=0.0)
-      s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
-      p = tl.exp2(s - lse[:, None])  # lse = +inf (empty or padded row) gives p = 0
-      dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=PRECISION)
-      dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
-      ds = p * (dp - delta[:, None])
-      dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=PRECISION)
+      dk, dv = _dkdv_tile(dk, dv, k, v, q_base, do_base, LSE + row_base, DELTA + row_base, mb,
+                          offs_m, offs_n, offs_d, col_ok, qk_scale, T, S, H, D, CAUSAL, False,
+                          BLOCK_M, PRECISION)
 
   out_off = b * S * HKV * D + offs_n[:, None] * (HKV * D) + hk * D + offs_d[None, :]
   out_ok = (offs_n[:, None] < S) & d_ok[None, :]
@@ -244,29 +286,11 @@ def attn_dq(Q, K, V, DO, LSE, DELTA, KVLEN, DQ,
 
   dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
   for kb in range(0, n_full):
-    cols = kb * BLOCK_N + offs_n
-    kv_off = cols[:, None] * (HKV * D) + offs_d[None, :]
-    k = tl.load(k_base + kv_off, mask=d_ok[None, :], other=0.0)
-    v = tl.load(v_base + kv_off, mask=d_ok[None, :], other=0.0)
-    s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
-    p = tl.exp2(s - lse[:, None])
-    dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
-    ds = p * (dp - delta[:, None])
-    dq += tl.dot(ds.to(k.dtype), k, input_precision=PRECISION)
+    dq = _dq_tile(dq, q, do, lse, delta, k_base, v_base, kb, offs_m, offs_n, offs_d, kv_len,
+                  qk_scale, T, S, HKV, D, CAUSAL, False, BLOCK_N, PRECISION)
   for kb in range(n_full, n_end):
-    cols = kb * BLOCK_N + offs_n
-    kv_off = cols[:, None] * (HKV * D) + offs_d[None, :]
-    col_ok = cols < kv_len
-    k = tl.load(k_base + kv_off, mask=col_ok[:, None] & d_ok[None, :], other=0.0)
-    v = tl.load(v_base + kv_off, mask=col_ok[:, None] & d_ok[None, :], other=0.0)
-    s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
-    mask = col_ok[None, :]
-    if CAUSAL:
-      mask = mask & (cols[None, :] <= offs_m[:, None] + (S - T))
-    p = tl.where(mask, tl.exp2(s - lse[:, None]), 0.0)
-    dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
-    ds = p * (dp - delta[:, None])
-    dq += tl.dot(ds.to(k.dtype), k, input_precision=PRECISION)
+    dq = _dq_tile(dq, q, do, lse, delta, k_base, v_base, kb, offs_m, offs_n, offs_d, kv_len,
+                  qk_scale, T, S, HKV, D, CAUSAL, True, BLOCK_N, PRECISION)
   tl.store(DQ + q_off, (dq * SCALE).to(DQ.dtype.element_ty),
            mask=row_ok[:, None] & d_ok[None, :])
 
