@@ -264,6 +264,14 @@ def write_json(path: str, payload: dict) -> None:
     json.dump(payload, f, indent=1, default=str)
 
 
+def write_results(path: str, payload: dict, table: str) -> None:
+  """payload as JSON at `path` and the markdown table beside it (same name, .md)."""
+  write_json(path, payload)
+  with open(os.path.splitext(path)[0] + ".md", "w") as f:
+    f.write(table + "\n")
+  log(f"wrote {path}")
+
+
 def environment() -> dict:
   dev = jax.devices()[0]
   return {"jax": jax.__version__, "backend": jax.default_backend(),
@@ -299,9 +307,11 @@ def sweep(seq_lens, head_dims, causals, passes, impls, *, tokens, hidden, dtype_
 
 
 def long_sequence_rows(impls, *, seq_len=32768, head_dim=128, hidden=2048, dtype_name="bf16",
-                       iters=3, interpret=False, causal=False) -> list[Cell]:
+                       iters=3, interpret=False, causal=False, cell_fn=None) -> list[Cell]:
   """Batch 1 at T=32768, forward+backward: compiled temporaries (linear vs quadratic in T);
-  implementations whose temporaries exceed ~85% of device memory are compiled, not run."""
+  implementations whose temporaries exceed ~85% of device memory are compiled, not run.
+  `cell_fn` is the run_cell to use (another benchmark's implementations; default ours)."""
+  cell_fn = cell_fn or run_cell
   limit = None
   try:
     stats = jax.devices()[0].memory_stats() or {}
@@ -311,9 +321,9 @@ def long_sequence_rows(impls, *, seq_len=32768, head_dim=128, hidden=2048, dtype
     pass
   cells = []
   for impl in impls:
-    c = run_cell(impl, seq_len, head_dim, causal, "fwd_bwd", tokens=seq_len, hidden=hidden,
-                 dtype_name=dtype_name, iters=iters, interpret=interpret, batch=1,
-                 max_temp_bytes=limit)
+    c = cell_fn(impl, seq_len, head_dim, causal, "fwd_bwd", tokens=seq_len, hidden=hidden,
+                dtype_name=dtype_name, iters=iters, interpret=interpret, batch=1,
+                max_temp_bytes=limit)
     cells.append(c)
     log("  long " + describe(c))
   return cells
@@ -357,12 +367,9 @@ def main(argv=None):
                                     hidden=args.hidden, dtype_name=args.dtype,
                                     interpret=interpret)
   if args.out:
-    write_json(args.out, {"env": env, "args": vars(args),
-                          "cells": [dataclasses.asdict(c) for c in cells],
-                          "long": [dataclasses.asdict(c) for c in long_cells]})
-    with open(os.path.splitext(args.out)[0] + ".md", "w") as f:
-      f.write(table + "\n")
-    log(f"wrote {args.out}")
+    write_results(args.out, {"env": env, "args": vars(args),
+                             "cells": [dataclasses.asdict(c) for c in cells],
+                             "long": [dataclasses.asdict(c) for c in long_cells]}, table)
 
 
 if __name__ == "__main__":

@@ -43,7 +43,8 @@ from jax.experimental.pallas.ops.tpu import splash_attention as splash
 
 from experiments.benchmarks.attention import (_DTYPES, Cell, _short_error, describe,
                                               environment, log, make_inputs, make_pass,
-                                              markdown_table, measure, write_json)
+                                              long_sequence_rows, markdown_table, measure,
+                                              write_results)
 from kernels.attention import dot_product_attention, tpu
 from kernels.attention.testing import fwd_bwd, reference_fwd_bwd, rel_errors
 
@@ -178,26 +179,13 @@ def main(argv=None):
   log("\nCompiled temporary memory, MiB\n" + markdown_table(cells, "temp_mib"))
   long_cells = []
   if args.long:
-    limit = None
-    try:
-      stats = jax.devices()[0].memory_stats() or {}
-      limit = 0.85 * stats["bytes_limit"] if "bytes_limit" in stats else None
-    except Exception:
-      pass
-    t_long = 256 if args.smoke else 32768
-    for impl in impls:
-      c = run_cell(impl, t_long, 128 if not args.smoke else 64, False, "fwd_bwd",
-                   tokens=t_long, hidden=args.hidden, dtype_name=args.dtype, iters=3,
-                   interpret=interpret, batch=1, max_temp_bytes=limit)
-      long_cells.append(c)
-      log("  long " + describe(c))
+    long_cells = long_sequence_rows(impls, seq_len=256 if args.smoke else 32768,
+                                    head_dim=64 if args.smoke else 128, hidden=args.hidden,
+                                    dtype_name=args.dtype, interpret=interpret, cell_fn=run_cell)
   if args.out:
-    write_json(args.out, {"env": env, "args": vars(args), "time": time.time(), "checks": checks,
-                          "cells": [dataclasses.asdict(c) for c in cells],
-                          "long": [dataclasses.asdict(c) for c in long_cells]})
-    with open(os.path.splitext(args.out)[0] + ".md", "w") as f:
-      f.write(table + "\n")
-    log(f"wrote {args.out}")
+    write_results(args.out, {"env": env, "args": vars(args), "time": time.time(),
+                             "checks": checks, "cells": [dataclasses.asdict(c) for c in cells],
+                             "long": [dataclasses.asdict(c) for c in long_cells]}, table)
 
 
 if __name__ == "__main__":
