@@ -294,15 +294,11 @@ def _forward_kernel(kvl_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, m_sc, l_sc, ac
     lse_ref[...] = _lanes_to_row(lse)
 
 
-def _forward(q, k, v, kv_lengths, *, scale, causal, causal_offset, block_sizes, heads,
-             kv_heads, head_dim, interpret):
-  """q [B, Tp, H*Dp], k, v [B, Sp, Hkv*Dp], kv_lengths [B] int32 ->
-  out [B, Tp, H*Dp], lse [B, H, 1, Tp] float32 (base 2)."""
-  b, tp, _ = q.shape
-  sp = k.shape[1]
-  groups = heads // kv_heads
-  bq, bk, dp = block_sizes.block_q, block_sizes.block_k, head_dim
-  nq, nk = tp // bq, sp // bk
+def _query_major_maps(bq, bk, nq, nk, groups, causal, causal_offset):
+  """Index maps of the grids (B, H, query tiles i, key tiles j) of the forward and dQ kernels:
+  the query tile (and output), the key/value tile (kv_block_index: a skipped tile maps to the
+  block already resident, so no copy is issued) of the head's kv group, and the per-row
+  residual (LSE, delta) row [B, H, 1, T]."""
   kv_index = functools.partial(kv_block_index, block_q=bq, block_k=bk, num_k_blocks=nk,
                                num_q_blocks=nq, causal=causal, causal_offset=causal_offset)
 
@@ -312,8 +308,22 @@ def _forward(q, k, v, kv_lengths, *, scale, causal, causal_offset, block_sizes, 
   def kv_map(bi, hi, i, j, kvl):
     return bi, kv_index(i, j, kvl[bi]), lax.div(hi, groups)
 
-  def lse_map(bi, hi, i, j, kvl):
+  def row_map(bi, hi, i, j, kvl):
     return bi, hi, 0, i
+
+  return q_map, kv_map, row_map
+
+
+def _forward(q, k, v, kv_lengths, *, scale, causal, causal_offset, block_sizes, heads,
+             kv_heads, head_dim, interpret):
+  """q [B, Tp, H*Dp], k, v [B, Sp, Hkv*Dp], kv_lengths [B] int32 ->
+  out [B, Tp, H*Dp], lse [B, H, 1, Tp] float32 (base 2)."""
+  b, tp, _ = q.shape
+  sp = k.shape[1]
+  groups = heads // kv_heads
+  bq, bk, dp = block_sizes.block_q, block_sizes.block_k, head_dim
+  nq, nk = tp // bq, sp // bk
+  q_map, kv_map, lse_map = _query_major_maps(bq, bk, nq, nk, groups, causal, causal_offset)
 
   kernel = functools.partial(_forward_kernel, scale=scale, causal=causal,
                              causal_offset=causal_offset, block_q=bq, block_k=bk,
@@ -385,17 +395,7 @@ def _dq(q, k, v, do, lse, delta, kv_lengths, *, scale, causal, causal_offset, bl
   groups = heads // kv_heads
   bq, bk, dp = block_sizes.block_q_dq, block_sizes.block_k_dq, head_dim
   nq, nk = tp // bq, sp // bk
-  kv_index = functools.partial(kv_block_index, block_q=bq, block_k=bk, num_k_blocks=nk,
-                               num_q_blocks=nq, causal=causal, causal_offset=causal_offset)
-
-  def q_map(bi, hi, i, j, kvl):
-    return bi, i, hi
-
-  def kv_map(bi, hi, i, j, kvl):
-    return bi, kv_index(i, j, kvl[bi]), lax.div(hi, groups)
-
-  def row_map(bi, hi, i, j, kvl):
-    return bi, hi, 0, i
+  q_map, kv_map, row_map = _query_major_maps(bq, bk, nq, nk, groups, causal, causal_offset)
 
   kernel = functools.partial(_dq_kernel, scale=scale, causal=causal,
                              causal_offset=causal_offset, block_q=bq, block_k=bk,
