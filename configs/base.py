@@ -43,6 +43,7 @@ def get_config(arg=None):
   m.transformer_resolutions = ()  # unet (latent text conditioning): resolutions (px) with cross-attention transformer blocks
   m.transformer_depth = 1         # unet: transformer blocks per cross-attention resolution
   m.pooled_context = False        # unet (text): add the pooled caption embedding to the time embedding (SDXL)
+  m.transformer_position_embedding = False  # unet (text): a fixed 2-D sin-cos position table in the transformer blocks' tokens
 
   # --- objective ------------------------------------------------------------------------------
   c.objective = "diffusion"       # diffusion | flow | flow_matching | cnf | latent_diffusion

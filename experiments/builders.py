@@ -61,7 +61,8 @@ def _unet(config, spec: DataSpec, context_dim: int = 0):
     extra = dict(context_dim=int(context_dim),
                  transformer_resolutions=tuple(m.transformer_resolutions),
                  transformer_depth=int(m.transformer_depth),
-                 pooled_context=bool(m.pooled_context))
+                 pooled_context=bool(m.pooled_context),
+                 transformer_position_embedding=bool(m.transformer_position_embedding))
   return get_model("unet", ch=m.ch, ch_mult=tuple(m.ch_mult), num_res_blocks=m.num_res_blocks,
                    attn_resolutions=tuple(m.attn_resolutions), num_heads=m.num_heads,
                    dropout=m.dropout, time_embedding=m.time_embedding,

@@ -141,12 +141,38 @@ class TransformerBlock(nn.Module):
     return x + nn.Dense(c, name="ff_out")(a * nn.gelu(gate, approximate=False))
 
 
+def position_embedding_2d(hh: int, ww: int, c: int, dtype=jnp.float32):
+  """Fixed 2-D sinusoidal embedding [hh * ww, c] (row-major tokens): the first c/2 channels
+  encode the row, the rest the column, each as sin/cos at c/4 geometric frequencies (as
+  MAE/ViT's 2-D sin-cos table); the position is measured in fractions of the grid, so every
+  resolution spans the same range. c must be divisible by 4."""
+  if c % 4:
+    raise ValueError(f"unet: position embedding needs channels divisible by 4, got {c}.")
+  quarter = c // 4
+  freqs = math.pi * 2.0 ** jnp.arange(quarter, dtype=jnp.float32) / 2.0
+
+  def axis(n):  # [n, c/2]
+    pos = (jnp.arange(n, dtype=jnp.float32) + 0.5) / n
+    arg = pos[:, None] * freqs[None, :]
+    return jnp.concatenate([jnp.sin(arg), jnp.cos(arg)], -1)
+
+  rows = jnp.broadcast_to(axis(hh)[:, None, :], (hh, ww, 2 * quarter))
+  cols = jnp.broadcast_to(axis(ww)[None, :, :], (hh, ww, 2 * quarter))
+  return jnp.concatenate([rows, cols], -1).reshape(hh * ww, c).astype(dtype)
+
+
 class SpatialTransformer(nn.Module):
   """GroupNorm -> proj in -> `depth` TransformerBlocks over the H*W positions -> proj out
-  (zero-initialised, so the block starts as the identity) -> + x. [B, H, W, C] -> same."""
+  (zero-initialised, so the block starts as the identity) -> + x. [B, H, W, C] -> same.
+
+  With position_embedding, a fixed 2-D sin-cos table (position_embedding_2d) is added to the
+  tokens after proj in: the queries then know where they are, so a caption's "top left" can
+  be attended to from the top-left tokens only (convolutions with zero padding alone give
+  a small latent grid little sense of absolute position)."""
   num_heads: int = 4
   depth: int = 1
   attention_impl: str = "auto"
+  position_embedding: bool = False
 
   @nn.compact
   def __call__(self, x, context, context_lengths):
@@ -156,6 +182,8 @@ class SpatialTransformer(nn.Module):
                        f"num_heads={self.num_heads}; choose num_heads dividing every width.")
     h = nn.Dense(c, name="proj_in")(GroupNorm(num_groups=_num_groups(c))(x))
     h = h.reshape(b, hh * ww, c)
+    if self.position_embedding:
+      h = h + position_embedding_2d(hh, ww, c, h.dtype)[None]
     for i in range(self.depth):
       h = TransformerBlock(self.num_heads, self.attention_impl, name=f"block_{i}")(
           h, context, context_lengths)
@@ -221,6 +249,8 @@ class UNet(nn.Module):
   pooled_context: bool = False              # also add the mean of the valid context tokens
                                             # (projected) to the time embedding, as SDXL adds
                                             # its pooled text embedding: a global condition
+  transformer_position_embedding: bool = False  # add a fixed 2-D sin-cos position table to
+                                            # the SpatialTransformers' tokens
 
   def _check(self, x):
     if x.ndim != 4:
@@ -313,8 +343,8 @@ class UNet(nn.Module):
     xattn = set(int(r) for r in self.transformer_resolutions)
 
     def transformer(h):
-      return SpatialTransformer(self.num_heads, self.transformer_depth, self.attention_impl)(
-          h, context, context_lengths)
+      return SpatialTransformer(self.num_heads, self.transformer_depth, self.attention_impl,
+                                self.transformer_position_embedding)(h, context, context_lengths)
 
     h = nn.Conv(self.ch, (3, 3))(x)
     skips = [h]

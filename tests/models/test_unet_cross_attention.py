@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from research.models.unet import TransformerBlock, UNet
+from research.models.unet import SpatialTransformer, TransformerBlock, UNet, position_embedding_2d
 
 
 def _random_params(model, *args, seed=0, **kwargs):
@@ -18,12 +18,13 @@ def _random_params(model, *args, seed=0, **kwargs):
                       shapes)
 
 
-@pytest.mark.parametrize("pooled", [False, True])
-def test_cross_attention_never_attends_to_padding(pooled):
-  # pooled: the mean of the valid tokens also enters the time embedding (SDXL-style).
+@pytest.mark.parametrize("pooled,position", [(False, False), (True, True)])
+def test_cross_attention_never_attends_to_padding(pooled, position):
+  # pooled: the mean of the valid tokens also enters the time embedding (SDXL-style);
+  # position: the transformer tokens carry the 2-D sin-cos table.
   model = UNet(ch=8, ch_mult=(1,), num_res_blocks=1, attn_resolutions=(), num_heads=2,
                context_dim=6, transformer_resolutions=(8,), attention_impl="xla",
-               pooled_context=pooled)
+               pooled_context=pooled, transformer_position_embedding=position)
   rng = np.random.default_rng(0)
   x = jnp.asarray(rng.standard_normal((3, 8, 8, 2)), jnp.float32)
   t = jnp.asarray([0.2, 0.5, 0.9], jnp.float32)
@@ -45,6 +46,33 @@ def test_cross_attention_never_attends_to_padding(pooled):
   other[:, 0] += 1.0
   diff = np.abs(np.asarray(apply(other, lengths)) - out).max(axis=(1, 2, 3))
   assert diff[0] > 1e-3 and diff[1] > 1e-3 and diff[2] < 1e-5
+
+
+def test_position_table_separates_rows_and_columns():
+  table = np.asarray(position_embedding_2d(4, 6, 16)).reshape(4, 6, 16)
+  assert np.all(np.abs(table) <= 1.0)
+  # The first half depends on the row only, the second on the column only...
+  np.testing.assert_array_equal(table[:, :, :8], np.broadcast_to(table[:, :1, :8], (4, 6, 8)))
+  np.testing.assert_array_equal(table[:, :, 8:], np.broadcast_to(table[:1, :, 8:], (4, 6, 8)))
+  # ...and every position gets its own vector.
+  flat = table.reshape(24, 16)
+  dist = np.linalg.norm(flat[:, None] - flat[None], axis=-1)
+  assert np.all(dist[~np.eye(24, dtype=bool)] > 0.1)
+  with pytest.raises(ValueError, match="divisible by 4"):
+    position_embedding_2d(2, 2, 6)
+
+
+def test_position_embedding_breaks_translation_symmetry():
+  # Without it, a transformer block maps a spatially constant input to a constant output (every
+  # token is the same); with it, the tokens at different places differ.
+  x = jnp.ones((1, 4, 4, 8), jnp.float32)
+  ctx, n = jnp.ones((1, 3, 6), jnp.float32), jnp.asarray([3], jnp.int32)
+  for position in (False, True):
+    block = SpatialTransformer(num_heads=2, attention_impl="xla", position_embedding=position)
+    params = _random_params(block, x, ctx, n)
+    out = np.asarray(block.apply({"params": params}, x, ctx, n)).reshape(16, 8)
+    spread = np.abs(out - out[:1]).max()
+    assert (spread > 1e-2) if position else (spread < 1e-5), (position, spread)
 
 
 def _layer_norm(x, p):
