@@ -41,8 +41,17 @@ def latent_diffusion(name: str, *, conditioning: str = "text"):
   c.model.attn_resolutions = ()         # the transformer blocks self-attend
   c.model.transformer_resolutions = (4,) if conditioning == "text" else ()
   c.model.pooled_context = conditioning == "text"
+  # A fixed 2-D sin-cos table on the transformer tokens: measured at 2,500 steps, w = 3, it
+  # lifts shape adherence 0.95 -> 0.98 and fd_shapes 0.51 -> 0.16 (README, "Latent diffusion").
+  c.model.transformer_position_embedding = conditioning == "text"
   c.model.num_heads = 4
   c.diffusion.p_uncond = 0.1
+  # v-prediction with the v loss: its weight on the x0 error is 1 + SNR, where eps-prediction's
+  # is SNR, so the high-noise steps where the layout is decided count. Measured: with the eps
+  # loss, position adherence stays at chance (0.10-0.12, even at 4,000 steps); with v it is
+  # 1.00 (README, "Latent diffusion").
+  c.diffusion.loss = "v"
+  c.diffusion.prediction = "v"
   c.optim.learning_rate = 2e-3
   c.optim.warmup_steps = 100
   c.optim.ema_decay = 0.998
@@ -53,7 +62,7 @@ def latent_diffusion(name: str, *, conditioning: str = "text"):
   c.sample.steps = 20
   c.sample.num_samples = 500             # adherence to +-0.02 (binomial), fd_shapes on 500
   c.sample.batch_size = 500
-  c.sample.guidance_scale = 5.0
+  c.sample.guidance_scale = 3.0          # best fd_shapes of (1, 3, 5) at equal adherence
   c.guidance.kind = "cfg"
   c.guidance.scales = (1.0, 3.0, 5.0)
   return c

@@ -7,9 +7,10 @@
 
 Stage 1 trains the f=4 KL autoencoder in WORKDIR/autoencoder (32x32x3 -> 8x8x4); stage 2
 trains a cross-attention UNet on its scaled latents with a text encoder over the captions
-("small red circle at top left"), 10% caption dropout for CFG. Both stages take 14.4 CPU-minutes
-(about 8 minutes on 2 idle CPU cores; README, "Latent diffusion"). Samples use the test split's captions
-unless sample.prompts are given; metrics add prompt adherence per attribute.
+("small red circle at top left"), 10% caption dropout for CFG, v-prediction. Both stages take
+9 min 12 s on 2 idle CPU cores (14.0 CPU-minutes; README, "Latent diffusion"). Samples use
+the test split's captions unless sample.prompts are given; metrics add prompt adherence per
+attribute.
 
 Variants: label (shape labels instead of captions), tiny (tests).
 """

@@ -3,19 +3,21 @@ training steps/s, sampling wall time at the same sampler, NFE and number of samp
 fd_shapes of those samples, in one process.
 
   python -m experiments.benchmarks.latent_vs_pixel --latent_workdir=/tmp/ldm \
-      --pixel_workdir=/tmp/pixel [--num=500] [--sampler=dpm_solver++] [--steps=20] \
-      [--scales=1,5]
+      --pixel_workdirs=/tmp/pix1,/tmp/pix4 --pixel_train_steps=160,640 [--num=500] \
+      [--sampler=dpm_solver++] [--steps=20] [--scales=1,3,5]
 
 The latent side is the trained model of a finished configs/latent/shapes_ldm.py job
 (--latent_workdir). The pixel side is configs/images/shapes_ddpm.py:small,conditional
-(class-conditional on the shape label), trained in --pixel_workdir (e.g. for the same
-training time as both latent stages: `--config.train.steps=N`); `--pixel_train_steps=N` reads
-that run's config the same way. Without --pixel_workdir the pixel UNet is timed at
-initialisation (the weights do not change the time) and no fd_shapes is computed for it.
+(class-conditional on the shape label), trained in each of --pixel_workdirs (e.g. for the
+same training time as both latent stages: `--config.train.steps=N`), with --pixel_train_steps
+their train.steps (so their configs, schedules included, are the ones they were trained
+with). Without --pixel_workdirs the pixel UNet is timed at initialisation (the weights do not
+change the time) and no pixel fd_shapes is computed.
 
 For each CFG weight in --scales (1 = unguided: one network call per NFE; w != 1: one call on
-the doubled batch) each side samples --num images once to compile, then once timed; the timed
-samples give fd_shapes (against the train split, as every run's metrics). Training speed is
+the doubled batch) every model samples --num images; at the first weight the latent model and
+the first pixel model are run once to compile, then once timed. Each sample set's fd_shapes is
+measured against the train split, as every run's metrics are. Training speed is
 --train_steps steps of each model's own train step (batch 64 latent, 128 pixel) after a
 warm-up. Prints a table and writes results/latent/latent_vs_pixel.json.
 """
@@ -68,56 +70,68 @@ def _train_rate(config, objective, spec, steps: int) -> float:
 
 
 def to_markdown(out) -> str:
-  rows = ["| w | latent s | pixel s | pixel / latent | latent `fd_shapes` | pixel `fd_shapes` |",
-          "|---|---|---|---|---|---|"]
+  pixels = out["pixel_runs"]
+  head = "| w | latent `fd_shapes` | " + " | ".join(f"pixel {p['name']} `fd_shapes`" for p in pixels)
+  rows = [head + " |", "|---|---|" + "---|" * len(pixels)]
   for w in out["scales"]:
     r = out[f"w{w:g}"]
-    fd = lambda k: "-" if r.get(k) is None else f"{r[k]:.3f}"
-    rows.append(f"| {w:g} | {r['latent_seconds']:.1f} | {r['pixel_seconds']:.1f} | "
-                f"{r['pixel_over_latent']:.1f}x | {fd('latent_fd_shapes')} | "
-                f"{fd('pixel_fd_shapes')} |")
+    fd = lambda v: "-" if v is None else f"{v:.3f}"
+    rows.append(f"| {w:g} | {fd(r['latent_fd_shapes'])} | "
+                + " | ".join(fd(r.get(f"pixel_fd_shapes_{p['name']}")) for p in pixels) + " |")
+  t = out["timing"]
+  rows += ["", f"sampling ({out['num']} samples, {out['sampler']} {out['steps']} steps, w = "
+           f"{t['scale']:g}): latent {t['latent_seconds']:.1f} s, pixel {t['pixel_seconds']:.1f} s "
+           f"-> {t['pixel_over_latent']:.1f}x; training: latent {out['latent_train_steps_per_sec']:.2f} "
+           f"steps/s, pixel {out['pixel_train_steps_per_sec']:.2f} steps/s"]
   return "\n".join(rows)
 
 
 def main():
   p = argparse.ArgumentParser()
   p.add_argument("--latent_workdir", required=True)
-  p.add_argument("--pixel_workdir", default="")
-  p.add_argument("--pixel_train_steps", type=int, default=0,
-                 help="train.steps the pixel run was trained with (0: the config's)")
+  p.add_argument("--pixel_workdirs", default="",
+                 help="comma-separated trained pixel runs (none: timed at initialisation)")
+  p.add_argument("--pixel_train_steps", default="",
+                 help="comma-separated train.steps of those runs (their configs' schedules)")
   p.add_argument("--num", type=int, default=500)
   p.add_argument("--sampler", default="dpm_solver++")
   p.add_argument("--steps", type=int, default=20)
-  p.add_argument("--scales", default="1", help="comma-separated CFG weights, e.g. 1,5")
+  p.add_argument("--scales", default="1", help="comma-separated CFG weights, e.g. 1,5; the "
+                 "first is timed")
   p.add_argument("--train_steps", type=int, default=20)
   a = p.parse_args()
   scales = tuple(float(s) for s in a.scales.split(","))
+  workdirs = [w for w in a.pixel_workdirs.split(",") if w]
+  steps = [int(s) for s in a.pixel_train_steps.split(",") if s] or [0] * len(workdirs)
+  if len(steps) != len(workdirs):
+    raise SystemExit("--pixel_train_steps needs one value per --pixel_workdirs entry.")
   request = SampleRequest(a.sampler, a.steps, (("denoise", True),))
   rng = jax.random.PRNGKey(0)
   out = {"num": a.num, "sampler": a.sampler, "steps": a.steps, "scales": scales,
-         "device": str(jax.devices()[0]), "latent_workdir": a.latent_workdir,
-         "pixel_workdir": a.pixel_workdir}
+         "device": str(jax.devices()[0]), "latent_workdir": a.latent_workdir}
 
   lc = override(shapes_ldm.get_config(), **{"sample.batch_size": a.num})
   spec = data_lib.build_data_spec(lc)
   lobj = builders.build_objective(lc, spec, a.latent_workdir)
   lstate = state_lib.restore_trained(lc, a.latent_workdir, lobj, spec)
+  out["latent_step"] = int(lstate.step)
   prompts = sample_lib.sample_prompts(override(lc, **{"sample.num_samples": a.num}), lobj)
   pc = override(shapes_ddpm.get_config("small,conditional"), **{"sample.batch_size": a.num})
-  if a.pixel_train_steps:
-    pc = override(pc, **{"train.steps": a.pixel_train_steps})
   pspec = data_lib.build_data_spec(pc)
   pobj = builders.build_objective(pc, pspec)
-  if a.pixel_workdir:
-    pstate = state_lib.restore_trained(pc, a.pixel_workdir, pobj, pspec)
-    out["pixel_step"] = int(pstate.step)
-  else:
-    pstate = state_lib.create_state(pc, pobj, pspec, rng)
-  out["latent_step"] = int(lstate.step)
+  pixels = []  # (name, params) of each pixel model; the first is timed
+  for workdir, n in zip(workdirs, steps):
+    c = override(pc, **{"train.steps": n}) if n else pc
+    st = state_lib.restore_trained(c, workdir, pobj, pspec)
+    pixels.append({"name": f"{int(st.step)} steps", "workdir": workdir, "step": int(st.step),
+                   "params": st.ema_params})
+  timing_params = pixels[0]["params"] if pixels else state_lib.create_state(
+      pc, pobj, pspec, rng).ema_params
+  out["pixel_runs"] = [{k: v for k, v in q.items() if k != "params"} for q in pixels]
   # The pixel labels cycle through the shapes (the test captions' shapes are near uniform).
   labels = np.arange(a.num, dtype=np.int32) % pspec.num_classes
-  n_params = lambda s: sum(int(np.prod(x.shape)) for x in jax.tree.leaves(s.params))
-  out["latent_params"], out["pixel_params"] = n_params(lstate), n_params(pstate)
+  n_params = lambda tree: sum(int(np.prod(x.shape)) for x in jax.tree.leaves(tree))
+  out["latent_params"], out["pixel_params"] = n_params(lstate.params), n_params(timing_params)
 
   out["latent_train_steps_per_sec"] = _train_rate(lc, lobj, spec, a.train_steps)
   out["pixel_train_steps_per_sec"] = _train_rate(pc, pobj, pspec, a.train_steps)
@@ -125,33 +139,41 @@ def main():
         f"{lc.data.batch_size}), pixel {out['pixel_train_steps_per_sec']:.2f} steps/s (batch "
         f"{pc.data.batch_size})", flush=True)
 
-  for w in scales:
-    lat_x, lat = _timed(lambda: sample_lib.draw_samples(
-        lc, lobj, lstate.ema_params, request, rng, a.num, prompts=prompts,
-        guidance_scale=w)[0])
+  def latent_samples(w):
+    return sample_lib.draw_samples(lc, lobj, lstate.ema_params, request, rng, a.num,
+                                   prompts=prompts, guidance_scale=w)[0]
+
+  def pixel_samples(params, w):
     if w == 1.0:
-      pix_x, pix = _timed(lambda: pobj.sample(pstate.ema_params, rng, a.num, labels=labels,
-                                              **request.kwargs())[0])
+      return pobj.sample(params, rng, a.num, labels=labels, **request.kwargs())[0]
+    score = guidance.classifier_free_guidance(
+        guidance.flax_model_fn(pobj.model, params), jax.numpy.asarray(labels), w,
+        sde=pobj.sde, prediction=pobj.sampling_prediction, null_label=pspec.num_classes,
+        sigma_data=pobj.sigma_data)
+    return samplers.sample(a.sampler, score, pobj.sde, (a.num, *pspec.dims), rng,
+                           steps=a.steps, denoise=True)[0]
+
+  for i, w in enumerate(scales):
+    row = {}
+    if i == 0:  # timed: compiled first, then one timed run each
+      lat_x, lat = _timed(lambda: latent_samples(w))
+      pix_x, pix = _timed(lambda: pixel_samples(timing_params, w))
+      out["timing"] = {"scale": w, "latent_seconds": lat, "pixel_seconds": pix,
+                       "pixel_over_latent": pix / lat}
+      print(f"w={w:g}: latent {lat:.2f} s, pixel {pix:.2f} s, ratio {pix / lat:.1f}x",
+            flush=True)
     else:
-      score = guidance.classifier_free_guidance(
-          guidance.flax_model_fn(pobj.model, pstate.ema_params), jax.numpy.asarray(labels), w,
-          sde=pobj.sde, prediction=pobj.sampling_prediction, null_label=pspec.num_classes,
-          sigma_data=pobj.sigma_data)
-      pix_x, pix = _timed(lambda: samplers.sample(
-          a.sampler, score, pobj.sde, (a.num, *pspec.dims), rng, steps=a.steps,
-          denoise=True)[0])
-    row = {"latent_seconds": lat, "pixel_seconds": pix, "pixel_over_latent": pix / lat}
+      lat_x, pix_x = latent_samples(w), None
     lm = sample_lib.sample_metrics(lc, spec, np.asarray(lat_x), None, rng)
     row["latent_fd_shapes"] = lm["fd_shapes"]
     row["fd_shapes_train_vs_test"] = lm["fd_shapes_train_vs_test"]
-    if a.pixel_workdir:
-      pm = sample_lib.sample_metrics(pc, pspec, np.asarray(pix_x), labels, rng)
-      row["pixel_fd_shapes"] = pm["fd_shapes"]
-      row["pixel_classifier_accuracy"] = pm["classifier_accuracy"]
+    for j, q in enumerate(pixels):
+      x = pix_x if (i == 0 and j == 0) else pixel_samples(q["params"], w)
+      pm = sample_lib.sample_metrics(pc, pspec, np.asarray(x), labels, rng)
+      row[f"pixel_fd_shapes_{q['name']}"] = pm["fd_shapes"]
+      row[f"pixel_classifier_accuracy_{q['name']}"] = pm["classifier_accuracy"]
     out[f"w{w:g}"] = row
-    print(f"w={w:g}: latent {lat:.2f} s, pixel {pix:.2f} s, ratio {pix / lat:.1f}x; fd_shapes "
-          f"latent {row['latent_fd_shapes']:.3f}, pixel {row.get('pixel_fd_shapes', 'n/a')}",
-          flush=True)
+    print(f"w={w:g}: " + ", ".join(f"{k} {v:.3f}" for k, v in row.items()), flush=True)
   os.makedirs(RESULTS, exist_ok=True)
   with open(os.path.join(RESULTS, "latent_vs_pixel.json"), "w") as f:
     json.dump(out, f, indent=2)

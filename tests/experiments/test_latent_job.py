@@ -154,7 +154,14 @@ def test_bad_latent_values_name_the_field(data_dir, field, value, match):
   assert "\n" not in str(e.value)
 
 
+def _prepared(data_dir, capsys):
+  """Generates the tiny shapes data first, so TFDS's progress bars are not in the error read."""
+  data_lib.load_captions(_config(data_dir), "test")
+  capsys.readouterr()
+
+
 def test_bad_prompt_on_the_command_line_is_one_line(data_dir, tmp_path, capsys):
+  _prepared(data_dir, capsys)
   code = main_lib.cli(["main", f"--config={CONFIG}:tiny", f"--workdir={tmp_path}",
                        "--mode=sample", f"--config.data.data_dir={data_dir}",
                        "--config.sample.prompts=('tiny red circle at centre',)"])
