@@ -36,10 +36,11 @@ from configs.images import shapes_ddpm
 from configs.latent import shapes_ldm
 from experiments import builders
 from experiments import data as data_lib
+from experiments import guided
 from experiments import sample as sample_lib
 from experiments import state as state_lib
 from experiments.options import SampleRequest
-from research.diffusion import guidance, samplers
+from research.diffusion import samplers
 
 RESULTS = os.path.join(os.path.dirname(__file__), "results", "latent")
 
@@ -146,10 +147,7 @@ def main():
   def pixel_samples(params, w):
     if w == 1.0:
       return pobj.sample(params, rng, a.num, labels=labels, **request.kwargs())[0]
-    score = guidance.classifier_free_guidance(
-        guidance.flax_model_fn(pobj.model, params), jax.numpy.asarray(labels), w,
-        sde=pobj.sde, prediction=pobj.sampling_prediction, null_label=pspec.num_classes,
-        sigma_data=pobj.sigma_data)
+    score = guided.cfg_score_factory(pobj, params, pspec)(jax.numpy.asarray(labels), w)
     return samplers.sample(a.sampler, score, pobj.sde, (a.num, *pspec.dims), rng,
                            steps=a.steps, denoise=True)[0]
 
